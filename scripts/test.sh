@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what the tests need that
+# the machine lacks, starts a real S3-compatible server (moto) on 127.0.0.1,
+# then runs formatting and lint checks and `cargo test`.
+#
+#   scripts/test.sh            # everything
+#   scripts/test.sh s3_        # extra arguments go to `cargo test`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+mkdir -p target
+
+# --- moto, the S3-compatible server (enforces conditional puts) -------------
+MOTO_VERSION=5.2.5
+VENV=${PGCAIRN_TEST_VENV:-$ROOT/target/test-venv}
+if [ ! -x "$VENV/bin/moto_server" ] || ! "$VENV/bin/python" -c "import moto, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')" 2>/dev/null; then
+  echo "test.sh: installing moto[server]==$MOTO_VERSION into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+fi
+
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$VENV/bin/moto_server" -H 127.0.0.1 -p "$PORT" > target/moto.log 2>&1 &
+MOTO_PID=$!
+trap 'kill $MOTO_PID 2>/dev/null || true' EXIT
+# Readiness: poll until the server answers (bounded), then create the bucket.
+"$VENV/bin/python" - "$PORT" <<'PY'
+import sys, time, urllib.request
+port = sys.argv[1]
+deadline = time.time() + 60
+while True:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read()
+        break
+    except Exception as e:
+        if time.time() > deadline:
+            sys.exit(f"moto did not start on port {port}: {e}")
+        time.sleep(0.1)
+req = urllib.request.Request(f"http://127.0.0.1:{port}/pgcairn-test", method="PUT")
+urllib.request.urlopen(req, timeout=10).read()
+PY
+export AWS_ENDPOINT="http://127.0.0.1:$PORT" AWS_ALLOW_HTTP=true \
+  AWS_ACCESS_KEY_ID=pgcairn-test AWS_SECRET_ACCESS_KEY=pgcairn-test AWS_REGION=us-east-1 \
+  PGCAIRN_TEST_S3="s3://pgcairn-test"
+echo "test.sh: moto $MOTO_VERSION on 127.0.0.1:$PORT, bucket pgcairn-test"
+
+# --- checks and tests --------------------------------------------------------
+cargo fmt --all -- --check
+cargo clippy --all-targets --quiet -- -D warnings
+cargo test "$@"

@@ -1,0 +1,90 @@
+//! Command-line definitions (clap). `main.rs` parses these and hands them to
+//! [`crate::commands::run`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pgcairn",
+    version,
+    about = "PostgreSQL backup and point-in-time recovery into a deduplicating, encrypted repository"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// Repository location: a path, file:///path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix.
+    #[arg(long, global = true, env = "PGCAIRN_REPO")]
+    pub repo: Option<String>,
+    /// TOML configuration file [default: /etc/pgcairn/pgcairn.toml if present].
+    #[arg(long, global = true, env = "PGCAIRN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// File holding the passphrase (mode 0600, owned by you).
+    #[arg(long, global = true)]
+    pub passphrase_file: Option<PathBuf>,
+    /// Directory for cached index objects [default: ~/.cache/pgcairn].
+    #[arg(long, global = true, env = "PGCAIRN_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Output format of read commands.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new repository.
+    Init(InitArgs),
+    /// Manage the passphrases that unlock the repository.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Show the repository's format, size and deduplication.
+    Info,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EncryptionArg {
+    /// XChaCha20-Poly1305; the master key is wrapped by an argon2id passphrase key.
+    Repokey,
+    /// No encryption: anyone who can read the storage can read your data.
+    None,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    #[arg(long, value_enum, default_value_t = EncryptionArg::Repokey)]
+    pub encryption: EncryptionArg,
+    /// Default zstd level for new data.
+    #[arg(long)]
+    pub compression: Option<i32>,
+    /// Average chunk size in bytes (min = avg/4, max = avg*4).
+    #[arg(long)]
+    pub chunk_avg: Option<u32>,
+    /// Target pack size in bytes.
+    #[arg(long)]
+    pub pack_size: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// List the key objects.
+    List,
+    /// Add a passphrase (read from PGCAIRN_NEW_PASSPHRASE[_FILE] or a prompt).
+    Add,
+    /// Remove a key object by id.
+    Remove { id: String },
+    /// Replace the passphrase that unlocked this session with a new one.
+    Passwd,
+}

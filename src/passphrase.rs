@@ -1,0 +1,147 @@
+//! Where a passphrase comes from, in order: `PGCAIRN_PASSPHRASE`, a
+//! passphrase file (`--passphrase-file`, `PGCAIRN_PASSPHRASE_FILE`, or the
+//! config file), a command (`PGCAIRN_PASSPHRASE_COMMAND` or the config), or a
+//! prompt when standard input is a terminal. Never a command-line value:
+//! `archive_command` shows in `ps` and in `pg_settings`.
+//!
+//! Files must be mode 0600 (or stricter) and owned by the invoking user.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+#[derive(Debug, Clone, Default)]
+pub struct PassphraseSource {
+    pub file: Option<PathBuf>,
+    pub command: Option<String>,
+}
+
+/// Refuse secret files that others can read or that someone else owns.
+pub fn check_secret_file(path: &Path) -> Result<(), String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} has mode {:o}; a passphrase file must be readable by its owner only (chmod 600 {})",
+            path.display(),
+            mode,
+            path.display()
+        ));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(format!(
+            "{} is owned by uid {}, not by the user running pgcairn (uid {me})",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    Ok(())
+}
+
+fn trim_newline(mut v: Vec<u8>) -> Zeroizing<Vec<u8>> {
+    while matches!(v.last(), Some(b'\n') | Some(b'\r')) {
+        v.pop();
+    }
+    Zeroizing::new(v)
+}
+
+impl PassphraseSource {
+    pub fn from_env(file: Option<PathBuf>, command: Option<String>) -> Self {
+        PassphraseSource {
+            file: file.or_else(|| std::env::var_os("PGCAIRN_PASSPHRASE_FILE").map(PathBuf::from)),
+            command: command.or_else(|| std::env::var("PGCAIRN_PASSPHRASE_COMMAND").ok()),
+        }
+    }
+
+    /// The repository passphrase.
+    pub fn get(&self) -> Result<Zeroizing<Vec<u8>>, String> {
+        if let Ok(p) = std::env::var("PGCAIRN_PASSPHRASE") {
+            return Ok(Zeroizing::new(p.into_bytes()));
+        }
+        if let Some(f) = &self.file {
+            check_secret_file(f)?;
+            let v = std::fs::read(f)
+                .map_err(|e| format!("cannot read passphrase file {}: {e}", f.display()))?;
+            return Ok(trim_newline(v));
+        }
+        if let Some(c) = &self.command {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(c)
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .map_err(|e| format!("cannot run passphrase command: {e}"))?;
+            if !out.status.success() {
+                return Err(format!("passphrase command failed with {}", out.status));
+            }
+            return Ok(trim_newline(out.stdout));
+        }
+        if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            let p =
+                rpassword::prompt_password("Repository passphrase: ").map_err(|e| e.to_string())?;
+            return Ok(Zeroizing::new(p.into_bytes()));
+        }
+        Err("no passphrase: set PGCAIRN_PASSPHRASE, PGCAIRN_PASSPHRASE_FILE (mode 0600) or PGCAIRN_PASSPHRASE_COMMAND, or run on a terminal".into())
+    }
+}
+
+/// A new passphrase (for `init`, `key add`, `key passwd`): from
+/// `PGCAIRN_NEW_PASSPHRASE`, `PGCAIRN_NEW_PASSPHRASE_FILE`, or a prompt
+/// asked twice. `init` falls back to the ordinary sources.
+pub fn new_passphrase(fallback: Option<&PassphraseSource>) -> Result<Zeroizing<Vec<u8>>, String> {
+    if let Ok(p) = std::env::var("PGCAIRN_NEW_PASSPHRASE") {
+        return non_empty(Zeroizing::new(p.into_bytes()));
+    }
+    if let Some(f) = std::env::var_os("PGCAIRN_NEW_PASSPHRASE_FILE").map(PathBuf::from) {
+        check_secret_file(&f)?;
+        let v = std::fs::read(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+        return non_empty(trim_newline(v));
+    }
+    if let Some(src) = fallback {
+        if std::env::var_os("PGCAIRN_PASSPHRASE").is_some()
+            || src.file.is_some()
+            || src.command.is_some()
+        {
+            return non_empty(src.get()?);
+        }
+    }
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        let a = rpassword::prompt_password("New passphrase: ").map_err(|e| e.to_string())?;
+        let b = rpassword::prompt_password("Repeat passphrase: ").map_err(|e| e.to_string())?;
+        if a != b {
+            return Err("the passphrases differ".into());
+        }
+        return non_empty(Zeroizing::new(a.into_bytes()));
+    }
+    Err("no new passphrase: set PGCAIRN_NEW_PASSPHRASE or PGCAIRN_NEW_PASSPHRASE_FILE (mode 0600), or run on a terminal".into())
+}
+
+fn non_empty(p: Zeroizing<Vec<u8>>) -> Result<Zeroizing<Vec<u8>>, String> {
+    if p.is_empty() {
+        Err("the passphrase is empty".into())
+    } else {
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn refuses_group_readable_files() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("pw");
+        std::fs::write(&f, "x\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = check_secret_file(&f).unwrap_err();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(check_secret_file(&f).is_ok());
+    }
+}

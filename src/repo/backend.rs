@@ -1,0 +1,460 @@
+//! Storage backends. One small trait, implemented once over `object_store`
+//! (local disk, S3, GCS, Azure) and layered with decorators the way
+//! `rustic_core` does: [`Retrying`] adds bounded retries with backoff for
+//! transient failures; tests add fault injection on top of a real store.
+//!
+//! Semantics every caller relies on:
+//! - `NotFound` is returned only when the store answered "not found"; every
+//!   other failure is `Storage`, never "absent".
+//! - `list` returns the complete listing or an error, never a partial one.
+//! - `put(Create)` is a single-part create-if-absent write; `put_immutable`
+//!   resolves "already exists" by reading the object back and comparing.
+//! - Local writes are atomic (staged file, then link/rename) and durable
+//!   (file and directory fsync) before success is reported.
+
+use std::fmt::Debug;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path as StorePath;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use super::error::{RepoError, Result};
+
+/// What a listing or `head` tells about one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Key relative to the repository root, `/`-separated.
+    pub key: String,
+    pub size: u64,
+    /// Last-modified time by the object store's clock, in Unix seconds.
+    /// All ages in the garbage-collection scheme come from here.
+    pub modified: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Fail with `Conflict`-able `AlreadyExists` if the object exists.
+    Create,
+    /// Replace the object atomically.
+    Overwrite,
+}
+
+/// Outcome of a create-if-absent write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    /// The object was already there with identical content.
+    AlreadyPresent,
+}
+
+#[derive(Debug)]
+pub enum BackendError {
+    NotFound,
+    AlreadyExists,
+    /// Worth retrying: network trouble, throttling, a 5xx.
+    Transient(Box<dyn std::error::Error + Send + Sync>),
+    /// Not worth retrying: permissions, bad configuration, unsupported call.
+    Permanent(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl BackendError {
+    /// Turn into the repository error, naming the operation and key.
+    pub fn into_repo(self, op: &'static str, key: &str) -> RepoError {
+        match self {
+            BackendError::NotFound => RepoError::NotFound { key: key.into() },
+            BackendError::AlreadyExists => RepoError::Conflict { key: key.into() },
+            BackendError::Transient(source) | BackendError::Permanent(source) => {
+                RepoError::Storage {
+                    op,
+                    key: key.into(),
+                    source,
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for BackendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendError::NotFound => write!(f, "not found"),
+            BackendError::AlreadyExists => write!(f, "already exists"),
+            BackendError::Transient(e) => write!(f, "transient: {e}"),
+            BackendError::Permanent(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+pub type BResult<T> = std::result::Result<T, BackendError>;
+
+/// The storage abstraction. Keys are relative to the repository root.
+#[async_trait]
+pub trait Backend: Send + Sync + Debug {
+    /// A human-readable location, for messages.
+    fn location(&self) -> String;
+    async fn put(&self, key: &str, data: Bytes, mode: WriteMode) -> BResult<()>;
+    async fn get(&self, key: &str) -> BResult<Bytes>;
+    async fn get_range(&self, key: &str, range: Range<u64>) -> BResult<Bytes>;
+    async fn head(&self, key: &str) -> BResult<ObjectInfo>;
+    /// Every object whose key starts with `prefix` (a directory-like prefix
+    /// ending in `/`, or empty). Complete or an error.
+    async fn list(&self, prefix: &str) -> BResult<Vec<ObjectInfo>>;
+    async fn delete(&self, key: &str) -> BResult<()>;
+}
+
+pub type DynBackend = Arc<dyn Backend>;
+
+/// `object_store` behind the [`Backend`] trait.
+#[derive(Debug)]
+pub struct ObjectStoreBackend {
+    store: Arc<dyn ObjectStore>,
+    location: String,
+}
+
+fn classify(e: object_store::Error) -> BackendError {
+    use object_store::Error as E;
+    match e {
+        E::NotFound { .. } => BackendError::NotFound,
+        E::AlreadyExists { .. } => BackendError::AlreadyExists,
+        E::Generic { .. } | E::JoinError { .. } => BackendError::Transient(Box::new(e)),
+        other => BackendError::Permanent(Box::new(other)),
+    }
+}
+
+fn store_path(key: &str) -> BResult<StorePath> {
+    StorePath::parse(key).map_err(|e| BackendError::Permanent(Box::new(e)))
+}
+
+impl ObjectStoreBackend {
+    pub fn new(store: Arc<dyn ObjectStore>, location: String) -> Self {
+        ObjectStoreBackend { store, location }
+    }
+
+    /// Open a repository location: `file:///path`, a plain path,
+    /// `s3://bucket/prefix`, `gs://bucket/prefix` or `az://container/prefix`.
+    /// Object-store credentials and endpoints come from the usual environment
+    /// variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`). `create` makes a local
+    /// directory that does not exist yet (for `init`).
+    pub fn open(url: &str, create: bool) -> Result<Self> {
+        let bad = |reason: String| RepoError::BadUrl {
+            url: url.to_string(),
+            reason,
+        };
+        let (scheme, rest) = match url.split_once("://") {
+            Some((s, r)) => (s.to_ascii_lowercase(), r.to_string()),
+            None => ("file".to_string(), url.to_string()),
+        };
+        let (bucket, prefix) = match rest.split_once('/') {
+            Some((b, p)) => (b.to_string(), p.trim_matches('/').to_string()),
+            None => (rest.clone(), String::new()),
+        };
+        let store: Arc<dyn ObjectStore> = match scheme.as_str() {
+            "file" => {
+                let path = if url.contains("://") {
+                    let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+                    parsed
+                        .to_file_path()
+                        .map_err(|_| bad("not a local file URL".into()))?
+                } else {
+                    std::path::PathBuf::from(&rest)
+                };
+                if path.as_os_str().is_empty() {
+                    return Err(bad("empty path".into()));
+                }
+                if create {
+                    std::fs::create_dir_all(&path)
+                        .map_err(|e| RepoError::io(format!("creating {}", path.display()), e))?;
+                } else if !path.is_dir() {
+                    return Err(RepoError::NoRepository {
+                        url: url.to_string(),
+                        reason: "directory does not exist".into(),
+                    });
+                }
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(&path)
+                    .map_err(|e| bad(e.to_string()))?
+                    .with_fsync(true);
+                return Ok(ObjectStoreBackend::new(
+                    Arc::new(fs),
+                    format!("file://{}", path.display()),
+                ));
+            }
+            "s3" | "s3a" => {
+                let s3 = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(&bucket)
+                    .with_retry(retry_config())
+                    .build()
+                    .map_err(|e| bad(e.to_string()))?;
+                Arc::new(s3)
+            }
+            "gs" => {
+                let gcs = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(&bucket)
+                    .with_retry(retry_config())
+                    .build()
+                    .map_err(|e| bad(e.to_string()))?;
+                Arc::new(gcs)
+            }
+            "az" | "azure" => {
+                let az = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(&bucket)
+                    .with_retry(retry_config())
+                    .build()
+                    .map_err(|e| bad(e.to_string()))?;
+                Arc::new(az)
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown scheme {other:?} (use file://, s3://, gs:// or az://)"
+                )))
+            }
+        };
+        if bucket.is_empty() {
+            return Err(bad("missing bucket or container name".into()));
+        }
+        let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            store
+        } else {
+            Arc::new(PrefixStore::new(store, prefix.as_str()))
+        };
+        Ok(ObjectStoreBackend::new(store, url.to_string()))
+    }
+}
+
+/// HTTP-level retries inside `object_store`; [`Retrying`] adds a few more
+/// around whole operations.
+fn retry_config() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig::default(),
+        max_retries: 4,
+        retry_timeout: Duration::from_secs(60),
+    }
+}
+
+fn info(meta: object_store::ObjectMeta) -> ObjectInfo {
+    ObjectInfo {
+        key: meta.location.to_string(),
+        size: meta.size,
+        modified: meta.last_modified.timestamp(),
+    }
+}
+
+#[async_trait]
+impl Backend for ObjectStoreBackend {
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    async fn put(&self, key: &str, data: Bytes, mode: WriteMode) -> BResult<()> {
+        let path = store_path(key)?;
+        let opts = PutOptions {
+            mode: match mode {
+                WriteMode::Create => PutMode::Create,
+                WriteMode::Overwrite => PutMode::Overwrite,
+            },
+            ..Default::default()
+        };
+        self.store
+            .put_opts(&path, PutPayload::from_bytes(data), opts)
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+
+    async fn get(&self, key: &str) -> BResult<Bytes> {
+        let path = store_path(key)?;
+        let res = self.store.get(&path).await.map_err(classify)?;
+        res.bytes().await.map_err(classify)
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> BResult<Bytes> {
+        let path = store_path(key)?;
+        let want = range.end - range.start;
+        let b = self.store.get_range(&path, range).await.map_err(classify)?;
+        if b.len() as u64 != want {
+            return Err(BackendError::Transient(
+                format!("short read: wanted {want} bytes, got {}", b.len()).into(),
+            ));
+        }
+        Ok(b)
+    }
+
+    async fn head(&self, key: &str) -> BResult<ObjectInfo> {
+        let path = store_path(key)?;
+        self.store.head(&path).await.map(info).map_err(classify)
+    }
+
+    async fn list(&self, prefix: &str) -> BResult<Vec<ObjectInfo>> {
+        let p = if prefix.is_empty() {
+            None
+        } else {
+            Some(store_path(prefix.trim_end_matches('/'))?)
+        };
+        self.store
+            .list(p.as_ref())
+            .map_ok(info)
+            .try_collect()
+            .await
+            .map_err(classify)
+    }
+
+    async fn delete(&self, key: &str) -> BResult<()> {
+        let path = store_path(key)?;
+        self.store.delete(&path).await.map_err(classify)
+    }
+}
+
+/// Retries transient failures with exponential backoff. A create that fails
+/// with "already exists" after a retry is passed up unchanged: the caller
+/// (`put_immutable`) reads the object back and compares.
+#[derive(Debug)]
+pub struct Retrying<B> {
+    inner: B,
+    attempts: u32,
+    first_delay: Duration,
+}
+
+impl<B: Backend> Retrying<B> {
+    pub fn new(inner: B) -> Self {
+        Retrying {
+            inner,
+            // object_store already retries HTTP requests; one more attempt
+            // around the whole operation covers what it does not.
+            attempts: 2,
+            first_delay: Duration::from_millis(200),
+        }
+    }
+
+    async fn run<T, F, Fut>(&self, mut op: F) -> BResult<T>
+    where
+        F: FnMut() -> Fut + Send,
+        Fut: std::future::Future<Output = BResult<T>> + Send,
+    {
+        let mut delay = self.first_delay;
+        let mut attempt = 1;
+        loop {
+            match op().await {
+                Err(BackendError::Transient(e)) if attempt < self.attempts => {
+                    let _ = e;
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl<B: Backend> Backend for Retrying<B> {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    async fn put(&self, key: &str, data: Bytes, mode: WriteMode) -> BResult<()> {
+        self.run(|| self.inner.put(key, data.clone(), mode)).await
+    }
+    async fn get(&self, key: &str) -> BResult<Bytes> {
+        self.run(|| self.inner.get(key)).await
+    }
+    async fn get_range(&self, key: &str, range: Range<u64>) -> BResult<Bytes> {
+        self.run(|| self.inner.get_range(key, range.clone())).await
+    }
+    async fn head(&self, key: &str) -> BResult<ObjectInfo> {
+        self.run(|| self.inner.head(key)).await
+    }
+    async fn list(&self, prefix: &str) -> BResult<Vec<ObjectInfo>> {
+        self.run(|| self.inner.list(prefix)).await
+    }
+    async fn delete(&self, key: &str) -> BResult<()> {
+        self.run(|| self.inner.delete(key)).await
+    }
+}
+
+/// Open a location with the standard decorator stack.
+pub fn open(url: &str, create: bool) -> Result<DynBackend> {
+    Ok(Arc::new(Retrying::new(ObjectStoreBackend::open(
+        url, create,
+    )?)))
+}
+
+/// Write an object that must never be overwritten. If it already exists
+/// (a retried request that did land, or another writer storing the same
+/// content-addressed object), read it back: identical content is success,
+/// different content is a `Conflict` and nothing is overwritten.
+pub async fn put_immutable(b: &dyn Backend, key: &str, data: Bytes) -> Result<PutOutcome> {
+    match b.put(key, data.clone(), WriteMode::Create).await {
+        Ok(()) => Ok(PutOutcome::Created),
+        Err(BackendError::AlreadyExists) => {
+            let existing = b
+                .get(key)
+                .await
+                .map_err(|e| e.into_repo("read-back", key))?;
+            if existing == data {
+                Ok(PutOutcome::AlreadyPresent)
+            } else {
+                Err(RepoError::Conflict { key: key.into() })
+            }
+        }
+        Err(e) => Err(e.into_repo("create", key)),
+    }
+}
+
+pub async fn get(b: &dyn Backend, key: &str) -> Result<Bytes> {
+    b.get(key).await.map_err(|e| e.into_repo("read", key))
+}
+
+pub async fn list(b: &dyn Backend, prefix: &str) -> Result<Vec<ObjectInfo>> {
+    b.list(prefix)
+        .await
+        .map_err(|e| e.into_repo("list", prefix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_create_if_absent_and_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(dir.path().to_str().unwrap(), false).unwrap();
+        let d = Bytes::from_static(b"hello");
+        assert_eq!(
+            put_immutable(&*b, "a/b/c", d.clone()).await.unwrap(),
+            PutOutcome::Created
+        );
+        assert_eq!(
+            put_immutable(&*b, "a/b/c", d.clone()).await.unwrap(),
+            PutOutcome::AlreadyPresent
+        );
+        let err = put_immutable(&*b, "a/b/c", Bytes::from_static(b"other"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RepoError::Conflict { .. }), "{err}");
+        assert_eq!(get(&*b, "a/b/c").await.unwrap(), d);
+        let l = list(&*b, "a/").await.unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].key, "a/b/c");
+        assert_eq!(l[0].size, 5);
+        assert!(list(&*b, "zzz/").await.unwrap().is_empty());
+        let e = get(&*b, "missing").await.unwrap_err();
+        assert!(e.is_not_found());
+    }
+
+    #[test]
+    fn rejects_unknown_scheme_and_missing_dir() {
+        assert!(matches!(
+            ObjectStoreBackend::open("ftp://x/y", false),
+            Err(RepoError::BadUrl { .. })
+        ));
+        assert!(matches!(
+            ObjectStoreBackend::open("/nonexistent/pgcairn/repo", false),
+            Err(RepoError::NoRepository { .. })
+        ));
+    }
+}

@@ -1,0 +1,186 @@
+//! The `config` object: what every reader needs before it can read anything
+//! else. Stored as a plain (unencrypted) document so that a reader learns the
+//! encryption mode; its body is authenticated after unlocking by a MAC under
+//! a key derived from the master key, so that nobody can, say, switch a
+//! repository to `none` behind its owners' backs.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{RepoError, Result};
+use super::format::{frame_document, from_cbor, to_cbor, unframe_document, Kind};
+
+pub const CONFIG_KEY: &str = "config";
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encryption {
+    /// XChaCha20-Poly1305 under keys derived from the wrapped master key.
+    Xchacha20poly1305,
+    /// No encryption: anyone who can read the storage can read the data.
+    None,
+}
+
+impl Encryption {
+    pub fn is_encrypted(&self) -> bool {
+        matches!(self, Encryption::Xchacha20poly1305)
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            Encryption::Xchacha20poly1305 => "xchacha20poly1305",
+            Encryption::None => "none",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChunkerParams {
+    pub min_size: u32,
+    pub avg_size: u32,
+    pub max_size: u32,
+}
+
+impl ChunkerParams {
+    /// Chosen by measurement on PostgreSQL data files; see repo-format.md.
+    pub const DEFAULT: ChunkerParams = ChunkerParams {
+        min_size: 64 * 1024,
+        avg_size: 256 * 1024,
+        max_size: 1024 * 1024,
+    };
+
+    pub fn validate(&self) -> Result<()> {
+        let ok = self.min_size >= 64
+            && self.avg_size >= 256
+            && self.max_size <= 16 * 1024 * 1024
+            && self.min_size <= self.avg_size
+            && self.avg_size <= self.max_size
+            && self.min_size % 2 == 0
+            && self.avg_size % 2 == 0
+            && self.max_size % 2 == 0;
+        if ok {
+            Ok(())
+        } else {
+            Err(RepoError::invalid(
+                "chunker parameters",
+                format!("{self:?}: need 64 <= min <= avg <= max <= 16 MiB, avg >= 256, all even"),
+            ))
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GcParams {
+    /// Nothing younger than this (by the store's clock) is ever deleted,
+    /// and condemned objects survive this long after being marked.
+    pub grace_period_secs: i64,
+    /// A writer that has run longer than this aborts instead of committing.
+    pub max_writer_secs: i64,
+    /// A collector aborts when its clock and the store's differ by more.
+    pub max_clock_skew_secs: i64,
+}
+
+impl GcParams {
+    pub const DEFAULT: GcParams = GcParams {
+        grace_period_secs: 48 * 3600,
+        max_writer_secs: 24 * 3600,
+        max_clock_skew_secs: 300,
+    };
+}
+
+/// Everything in `config` but its MAC.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RepoConfig {
+    pub format_version: u32,
+    #[serde(with = "serde_bytes")]
+    pub repo_id: Vec<u8>,
+    pub created: i64,
+    pub encryption: Encryption,
+    pub chunker: ChunkerParams,
+    pub compression: Compression,
+    pub pack_target_size: u64,
+    pub index_page_entries: u32,
+    pub gc: GcParams,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Compression {
+    /// "zstd" is the only algorithm in format version 1.
+    pub algorithm: CompressionAlgorithm,
+    pub level: i32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum CompressionAlgorithm {
+    Zstd,
+}
+
+impl Compression {
+    pub const DEFAULT: Compression = Compression {
+        algorithm: CompressionAlgorithm::Zstd,
+        level: 3,
+    };
+}
+
+#[derive(Serialize, Deserialize)]
+struct ConfigDoc {
+    #[serde(with = "serde_bytes")]
+    body: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    mac: Vec<u8>,
+}
+
+impl RepoConfig {
+    pub fn repo_id(&self) -> [u8; 16] {
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&self.repo_id[..16]);
+        id
+    }
+
+    pub fn repo_id_hex(&self) -> String {
+        hex::encode(&self.repo_id)
+    }
+
+    /// Encode as the `config` document, MACed with `mac_key`.
+    pub fn encode(&self, mac_key: &[u8; 32]) -> Result<Vec<u8>> {
+        let body = to_cbor(self)?;
+        let mac = blake3::keyed_hash(mac_key, &body).as_bytes().to_vec();
+        Ok(frame_document(
+            Kind::Config,
+            &to_cbor(&ConfigDoc { body, mac })?,
+        ))
+    }
+
+    /// Decode without a key (integrity only). Returns the config and the
+    /// (body, mac) pair to authenticate once the master key is unlocked.
+    pub fn decode(bytes: &[u8]) -> Result<(RepoConfig, Vec<u8>, Vec<u8>)> {
+        let payload = unframe_document(bytes, Kind::Config, CONFIG_KEY)?;
+        let doc: ConfigDoc = from_cbor(payload, CONFIG_KEY)?;
+        let cfg: RepoConfig = from_cbor(&doc.body, CONFIG_KEY)?;
+        if cfg.format_version != 1 {
+            return Err(RepoError::Unsupported {
+                object: CONFIG_KEY.into(),
+                reason: format!("repository format version {}", cfg.format_version),
+            });
+        }
+        if cfg.repo_id.len() != 16 {
+            return Err(RepoError::corrupt(
+                CONFIG_KEY,
+                "repository id is not 16 bytes",
+            ));
+        }
+        cfg.chunker.validate()?;
+        Ok((cfg, doc.body, doc.mac))
+    }
+
+    /// Authenticate the body with the unlocked MAC key.
+    pub fn authenticate(body: &[u8], mac: &[u8], mac_key: &[u8; 32]) -> Result<()> {
+        let want = blake3::keyed_hash(mac_key, body);
+        if want.as_bytes().as_slice() != mac {
+            return Err(RepoError::corrupt(
+                CONFIG_KEY,
+                "its MAC does not match the repository key (altered or replaced)",
+            ));
+        }
+        Ok(())
+    }
+}

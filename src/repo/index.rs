@@ -1,0 +1,454 @@
+//! Index objects map chunk ids to (pack, offset, length). They are written
+//! after their packs and before any manifest that needs them, are immutable,
+//! named by the hash of their bytes, and can be rebuilt from pack tables.
+//!
+//! An index object is paged so that nobody has to hold the whole index in
+//! memory (a 10 TB repository has over 10^8 chunk ids):
+//!
+//! ```text
+//! index = header("I") sealed(page)* sealed(directory) dir_len:u32le
+//! page  = entry*   sorted by chunk id, at most `index_page_entries`
+//! entry = id:32 pack:u32le offset:u32le length:u32le raw_length:u32le kind:u8
+//! ```
+//!
+//! A reader keeps only directories in memory (first and last id of each
+//! page: ~80 bytes per 1024 chunks), fetches index objects once into a local
+//! cache directory (they never change), and decrypts pages on demand into a
+//! bounded LRU. Compaction of many small index objects into few large ones is
+//! the garbage collector's job.
+
+use std::collections::HashSet;
+use std::num::NonZeroUsize;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use lru::LruCache;
+use serde::{Deserialize, Serialize};
+
+use super::backend::{self, DynBackend};
+use super::crypto::Sealer;
+use super::error::{RepoError, Result};
+use super::format::{
+    aad, check_header, from_cbor, header, now_unix, to_cbor, ChunkId, Kind, PackId, HEADER_LEN,
+};
+use super::pack::{ChunkKind, PackEntry};
+
+pub const INDEX_PREFIX: &str = "index/";
+const ENTRY_LEN: usize = 49;
+
+/// Where a chunk lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub pack: PackId,
+    pub kind: ChunkKind,
+    pub offset: u32,
+    pub length: u32,
+    pub raw_length: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PackInfo {
+    pub id: PackId,
+    pub size: u64,
+    pub kind: ChunkKind,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PageRef {
+    first: ChunkId,
+    last: ChunkId,
+    offset: u64,
+    length: u32,
+    count: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Directory {
+    created: i64,
+    packs: Vec<PackInfo>,
+    pages: Vec<PageRef>,
+    entries: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RawEntry {
+    id: ChunkId,
+    pack: u32,
+    offset: u32,
+    length: u32,
+    raw_length: u32,
+    kind: ChunkKind,
+}
+
+pub fn index_object(name_hex: &str) -> String {
+    format!("{INDEX_PREFIX}{name_hex}")
+}
+
+fn page_aad(repo_id: &[u8; 16], page: u32) -> Vec<u8> {
+    let mut ctx = b"page".to_vec();
+    ctx.extend_from_slice(&page.to_le_bytes());
+    aad(repo_id, Kind::IndexPage, &ctx)
+}
+
+/// Build one index object from packs and their tables. Returns (name, bytes).
+pub fn build_index(
+    sealer: &Sealer,
+    repo_id: &[u8; 16],
+    packs: &[(PackInfo, Vec<PackEntry>)],
+    page_entries: usize,
+) -> Result<(String, Vec<u8>)> {
+    let mut all: Vec<RawEntry> = Vec::new();
+    let mut infos = Vec::with_capacity(packs.len());
+    for (i, (info, entries)) in packs.iter().enumerate() {
+        infos.push(info.clone());
+        all.extend(entries.iter().map(|e| RawEntry {
+            id: e.id,
+            pack: i as u32,
+            offset: e.offset,
+            length: e.length,
+            raw_length: e.raw_length,
+            kind: e.kind,
+        }));
+    }
+    all.sort_by_key(|a| a.id);
+    let mut out = header(Kind::Index).to_vec();
+    let mut pages = Vec::new();
+    for (no, chunk) in all.chunks(page_entries.max(1)).enumerate() {
+        let mut plain = Vec::with_capacity(chunk.len() * ENTRY_LEN);
+        for e in chunk {
+            plain.extend_from_slice(&e.id.0);
+            plain.extend_from_slice(&e.pack.to_le_bytes());
+            plain.extend_from_slice(&e.offset.to_le_bytes());
+            plain.extend_from_slice(&e.length.to_le_bytes());
+            plain.extend_from_slice(&e.raw_length.to_le_bytes());
+            plain.push(match e.kind {
+                ChunkKind::Data => 0,
+                ChunkKind::Meta => 1,
+            });
+        }
+        let sealed = sealer.seal(&plain, &page_aad(repo_id, no as u32))?;
+        pages.push(PageRef {
+            first: chunk[0].id,
+            last: chunk[chunk.len() - 1].id,
+            offset: out.len() as u64,
+            length: sealed.len() as u32,
+            count: chunk.len() as u32,
+        });
+        out.extend_from_slice(&sealed);
+    }
+    let dir = Directory {
+        created: now_unix(),
+        packs: infos,
+        pages,
+        entries: all.len() as u64,
+    };
+    let sealed = sealer.seal(&to_cbor(&dir)?, &aad(repo_id, Kind::IndexPage, b"dir"))?;
+    out.extend_from_slice(&sealed);
+    out.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+    let name = blake3::hash(&out).to_hex().to_string();
+    Ok((name, out))
+}
+
+/// Decrypted pages by (index object name, page number).
+type PageCache = LruCache<(String, u32), Arc<Vec<RawEntry>>>;
+
+struct Loaded {
+    name: String,
+    file: PathBuf,
+    dir: Directory,
+}
+
+/// Every index object of the repository, paged in on demand.
+pub struct IndexSet {
+    backend: DynBackend,
+    sealer: Sealer,
+    repo_id: [u8; 16],
+    cache_dir: PathBuf,
+    loaded: RwLock<Vec<Arc<Loaded>>>,
+    pages: Mutex<PageCache>,
+}
+
+impl IndexSet {
+    pub fn new(
+        backend: DynBackend,
+        sealer: Sealer,
+        repo_id: [u8; 16],
+        cache_dir: PathBuf,
+        page_cache: usize,
+    ) -> Self {
+        IndexSet {
+            backend,
+            sealer,
+            repo_id,
+            cache_dir,
+            loaded: RwLock::new(Vec::new()),
+            pages: Mutex::new(LruCache::new(
+                NonZeroUsize::new(page_cache.max(1)).unwrap_or(NonZeroUsize::MIN),
+            )),
+        }
+    }
+
+    /// Bring the set up to date with the repository's `index/` listing:
+    /// load new objects, forget removed ones. A failed listing is an error.
+    pub async fn refresh(&self) -> Result<()> {
+        let listed = backend::list(&*self.backend, INDEX_PREFIX).await?;
+        let names: HashSet<String> = listed
+            .iter()
+            .filter_map(|o| o.key.strip_prefix(INDEX_PREFIX).map(str::to_string))
+            .collect();
+        let have: HashSet<String> = self.read_loaded().iter().map(|l| l.name.clone()).collect();
+        for o in &listed {
+            let Some(name) = o.key.strip_prefix(INDEX_PREFIX) else {
+                continue;
+            };
+            if !have.contains(name) {
+                let l = self.load_object(name, o.size).await?;
+                self.write_loaded().push(Arc::new(l));
+            }
+        }
+        self.write_loaded().retain(|l| names.contains(&l.name));
+        Ok(())
+    }
+
+    /// Add an index object this process just wrote.
+    pub async fn add_written(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        if self.read_loaded().iter().any(|l| l.name == name) {
+            return Ok(());
+        }
+        let file = self.store_in_cache(name, bytes)?;
+        let dir = self.read_directory(name, bytes)?;
+        self.write_loaded().push(Arc::new(Loaded {
+            name: name.to_string(),
+            file,
+            dir,
+        }));
+        Ok(())
+    }
+
+    fn read_loaded(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Loaded>>> {
+        self.loaded.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_loaded(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<Loaded>>> {
+        self.loaded.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cache_path(&self, name: &str) -> PathBuf {
+        self.cache_dir.join(name)
+    }
+
+    fn store_in_cache(&self, name: &str, bytes: &[u8]) -> Result<PathBuf> {
+        let path = self.cache_path(name);
+        std::fs::create_dir_all(&self.cache_dir).map_err(|e| {
+            RepoError::io(
+                format!("creating cache directory {}", self.cache_dir.display()),
+                e,
+            )
+        })?;
+        let tmp = self
+            .cache_dir
+            .join(format!(".{name}.{}", std::process::id()));
+        std::fs::write(&tmp, bytes)
+            .map_err(|e| RepoError::io(format!("writing {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| RepoError::io(format!("renaming into {}", path.display()), e))?;
+        Ok(path)
+    }
+
+    async fn load_object(&self, name: &str, size: u64) -> Result<Loaded> {
+        let object = index_object(name);
+        let path = self.cache_path(name);
+        // Cached copies were verified against their name when fetched.
+        if let Ok(meta) = std::fs::metadata(&path) {
+            if meta.len() == size {
+                let bytes = read_tail(&path, &object)?;
+                if let Ok(dir) = self.read_directory_tail(&bytes.0, bytes.1, &object) {
+                    return Ok(Loaded {
+                        name: name.into(),
+                        file: path,
+                        dir,
+                    });
+                }
+            }
+        }
+        let bytes: Bytes = backend::get(&*self.backend, &object).await?;
+        if blake3::hash(&bytes).to_hex().as_str() != name {
+            return Err(RepoError::corrupt(
+                &object,
+                "content does not hash to its name",
+            ));
+        }
+        let file = self.store_in_cache(name, &bytes)?;
+        let dir = self.read_directory(name, &bytes)?;
+        Ok(Loaded {
+            name: name.into(),
+            file,
+            dir,
+        })
+    }
+
+    fn read_directory(&self, name: &str, bytes: &[u8]) -> Result<Directory> {
+        let object = index_object(name);
+        check_header(bytes, Kind::Index, &object)?;
+        self.read_directory_tail(bytes, bytes.len() as u64, &object)
+    }
+
+    /// `tail` holds the last bytes of an object of `total` bytes.
+    fn read_directory_tail(&self, tail: &[u8], total: u64, object: &str) -> Result<Directory> {
+        if tail.len() < 4 {
+            return Err(RepoError::corrupt(object, "truncated index"));
+        }
+        let n = u32::from_le_bytes(
+            tail[tail.len() - 4..]
+                .try_into()
+                .map_err(|_| RepoError::corrupt(object, "bad tail"))?,
+        ) as usize;
+        if n + 4 > tail.len() || (n + 4 + HEADER_LEN) as u64 > total {
+            return Err(RepoError::corrupt(object, "directory length out of range"));
+        }
+        let sealed = &tail[tail.len() - 4 - n..tail.len() - 4];
+        let plain =
+            self.sealer
+                .open(sealed, &aad(&self.repo_id, Kind::IndexPage, b"dir"), object)?;
+        from_cbor(&plain, object)
+    }
+
+    fn read_page(&self, l: &Loaded, no: u32) -> Result<Arc<Vec<RawEntry>>> {
+        let key = (l.name.clone(), no);
+        if let Some(p) = self
+            .pages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(p.clone());
+        }
+        let object = index_object(&l.name);
+        let pr = &l.dir.pages[no as usize];
+        let f = std::fs::File::open(&l.file)
+            .map_err(|e| RepoError::io(format!("opening cached {}", l.file.display()), e))?;
+        let mut buf = vec![0u8; pr.length as usize];
+        f.read_exact_at(&mut buf, pr.offset)
+            .map_err(|e| RepoError::io(format!("reading cached {}", l.file.display()), e))?;
+        let plain = match self
+            .sealer
+            .open(&buf, &page_aad(&self.repo_id, no), &object)
+        {
+            Ok(p) => p,
+            Err(_) => {
+                // The object was verified against its name when cached, so
+                // the local copy is what broke. Drop it; the next run refetches.
+                let _ = std::fs::remove_file(&l.file);
+                return Err(RepoError::corrupt(
+                    format!("cached copy {} of {object}", l.file.display()),
+                    "page fails authentication; the cached copy was removed, run the command again",
+                ));
+            }
+        };
+        if plain.len() != pr.count as usize * ENTRY_LEN {
+            return Err(RepoError::corrupt(&object, "page length mismatch"));
+        }
+        let mut entries = Vec::with_capacity(pr.count as usize);
+        for e in plain.chunks_exact(ENTRY_LEN) {
+            let u = |i: usize| u32::from_le_bytes([e[i], e[i + 1], e[i + 2], e[i + 3]]);
+            let mut id = [0u8; 32];
+            id.copy_from_slice(&e[..32]);
+            let pack = u(32);
+            if pack as usize >= l.dir.packs.len() {
+                return Err(RepoError::corrupt(
+                    &object,
+                    "entry names a pack outside the directory",
+                ));
+            }
+            entries.push(RawEntry {
+                id: ChunkId(id),
+                pack,
+                offset: u(36),
+                length: u(40),
+                raw_length: u(44),
+                kind: if e[48] == 1 {
+                    ChunkKind::Meta
+                } else {
+                    ChunkKind::Data
+                },
+            });
+        }
+        let entries = Arc::new(entries);
+        self.pages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(key, entries.clone());
+        Ok(entries)
+    }
+
+    /// Every location of `id` across the index (usually zero or one).
+    pub fn lookup_all(&self, id: &ChunkId) -> Result<Vec<Location>> {
+        let loaded: Vec<Arc<Loaded>> = self.read_loaded().clone();
+        let mut out = Vec::new();
+        for l in loaded {
+            let pages = &l.dir.pages;
+            let i = pages.partition_point(|p| p.last < *id);
+            if i >= pages.len() || pages[i].first > *id {
+                continue;
+            }
+            let page = self.read_page(&l, i as u32)?;
+            if let Ok(j) = page.binary_search_by(|e| e.id.cmp(id)) {
+                let e = page[j];
+                let p = &l.dir.packs[e.pack as usize];
+                out.push(Location {
+                    pack: p.id,
+                    kind: e.kind,
+                    offset: e.offset,
+                    length: e.length,
+                    raw_length: e.raw_length,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn lookup(&self, id: &ChunkId) -> Result<Option<Location>> {
+        Ok(self.lookup_all(id)?.into_iter().next())
+    }
+
+    /// (index objects, index entries, distinct packs, pack bytes) as indexed.
+    pub fn stats(&self) -> (usize, u64, usize, u64) {
+        let loaded = self.read_loaded();
+        let mut packs = HashSet::new();
+        let mut bytes = 0;
+        let mut entries = 0;
+        for l in loaded.iter() {
+            entries += l.dir.entries;
+            for p in &l.dir.packs {
+                if packs.insert(p.id) {
+                    bytes += p.size;
+                }
+            }
+        }
+        (loaded.len(), entries, packs.len(), bytes)
+    }
+}
+
+/// Read a cached index object's directory and trailer; returns (tail
+/// bytes, file length).
+fn read_tail(path: &Path, object: &str) -> Result<(Vec<u8>, u64)> {
+    let f = std::fs::File::open(path)
+        .map_err(|e| RepoError::io(format!("opening cached {object}"), e))?;
+    let len = f
+        .metadata()
+        .map_err(|e| RepoError::io(format!("stat cached {object}"), e))?
+        .len();
+    if len < (HEADER_LEN + 4) as u64 {
+        return Err(RepoError::corrupt(object, "truncated index"));
+    }
+    let mut n = [0u8; 4];
+    f.read_exact_at(&mut n, len - 4)
+        .map_err(|e| RepoError::io(format!("reading cached {object}"), e))?;
+    let want = (u32::from_le_bytes(n) as u64 + 4).min(len);
+    let mut buf = vec![0u8; want as usize];
+    f.read_exact_at(&mut buf, len - want)
+        .map_err(|e| RepoError::io(format!("reading cached {object}"), e))?;
+    Ok((buf, len))
+}

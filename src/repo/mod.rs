@@ -1,0 +1,552 @@
+//! The repository: a content-addressed, deduplicating, encrypted store of
+//! byte streams and the manifests that name them. This layer knows nothing of
+//! PostgreSQL. The layout is specified in `repo-format.md`.
+//!
+//! Modules, bottom up: [`backend`] (storage), [`format`] (object framing),
+//! [`crypto`] (keys, sealing), [`config`] and [`keys`] (the objects that open
+//! a repository), [`chunker`], [`pack`], [`index`], [`manifest`], [`lease`]
+//! (the writer's half of garbage collection), and [`store`] (the pipeline).
+
+pub mod backend;
+pub mod chunker;
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod format;
+pub mod index;
+pub mod keys;
+pub mod lease;
+pub mod manifest;
+pub mod pack;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use backend::{DynBackend, PutOutcome};
+pub use config::{ChunkerParams, Compression, Encryption, GcParams, RepoConfig};
+use crypto::{DerivedKeys, KdfParams, MasterKey, Sealer};
+pub use error::{RepoError, Result};
+use format::{now_unix, Kind};
+use index::IndexSet;
+use keys::{key_object, KeyFile, KEYS_PREFIX};
+use lease::{open_doc, LEASES_PREFIX};
+use manifest::{manifest_object, ManifestDoc, MANIFESTS_PREFIX};
+pub use manifest::{ChunkRef, Entry, Manifest};
+pub use store::{StoredStream, WriteStats, Writer};
+
+/// Supplies the passphrase only when one is needed (an unencrypted
+/// repository never asks).
+pub type PassphraseFn<'a> =
+    &'a (dyn Fn() -> std::result::Result<Zeroizing<Vec<u8>>, String> + Sync);
+
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub encryption: Encryption,
+    pub chunker: ChunkerParams,
+    pub compression: Compression,
+    pub kdf: KdfParams,
+    pub pack_target_size: u64,
+    pub gc: GcParams,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            encryption: Encryption::Xchacha20poly1305,
+            chunker: ChunkerParams::DEFAULT,
+            compression: Compression::DEFAULT,
+            kdf: KdfParams::DEFAULT,
+            pack_target_size: 32 * 1024 * 1024,
+            gc: GcParams::DEFAULT,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Where immutable index objects are cached; default
+    /// `$PGCAIRN_CACHE_DIR`, `$XDG_CACHE_HOME/pgcairn`, `~/.cache/pgcairn`.
+    pub cache_dir: Option<PathBuf>,
+    /// CPU workers for hashing, compression and sealing.
+    pub workers: usize,
+    /// Concurrent uploads and downloads.
+    pub io_depth: usize,
+    /// Decrypted index pages kept in memory.
+    pub index_page_cache: usize,
+    /// Override the repository's default compression level.
+    pub compression_level: Option<i32>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            cache_dir: None,
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            io_depth: 4,
+            index_page_cache: 256,
+            compression_level: None,
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub backend: DynBackend,
+    pub config: RepoConfig,
+    pub repo_id: [u8; 16],
+    pub keys: DerivedKeys,
+    pub sealer: Sealer,
+    pub index: Arc<IndexSet>,
+    pub key_id: String,
+    pub master: MasterKey,
+    pub opts: OpenOptions,
+}
+
+/// An open, unlocked repository.
+#[derive(Clone)]
+pub struct Repository {
+    pub(crate) inner: Arc<Inner>,
+}
+
+fn validate_mark_id(id: &str) -> Result<()> {
+    if id.is_empty() || !id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-') {
+        return Err(RepoError::BadName {
+            name: id.into(),
+            reason: "mark ids are letters, digits and '-'".into(),
+        });
+    }
+    Ok(())
+}
+
+fn default_cache_root() -> PathBuf {
+    if let Ok(d) = std::env::var("PGCAIRN_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Ok(d) = std::env::var("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("pgcairn");
+    }
+    if let Ok(h) = std::env::var("HOME") {
+        return PathBuf::from(h).join(".cache").join("pgcairn");
+    }
+    std::env::temp_dir().join("pgcairn-cache")
+}
+
+/// A summary for `pgcairn info`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepoInfo {
+    pub location: String,
+    pub format_version: u32,
+    pub repository_id: String,
+    pub encryption: &'static str,
+    pub chunker: ChunkerParams,
+    pub compression_level: i32,
+    pub keys: usize,
+    pub packs: usize,
+    pub stored_bytes: u64,
+    pub index_objects: usize,
+    pub index_entries: u64,
+    pub manifests: usize,
+    pub logical_bytes: u64,
+    pub dedup_ratio: f64,
+    pub leases: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyInfo {
+    pub id: String,
+    pub created: i64,
+    pub hostname: String,
+    pub username: String,
+    pub kdf: String,
+    pub current: bool,
+}
+
+impl Repository {
+    /// Create a new repository. Writes the first key, then `config` (the
+    /// object whose presence makes a location a repository).
+    pub async fn init(
+        url: &str,
+        init: &InitOptions,
+        passphrase: Option<&[u8]>,
+        opts: OpenOptions,
+    ) -> Result<Repository> {
+        init.chunker.validate()?;
+        let backend = backend::open(url, true)?;
+        match backend.head(config::CONFIG_KEY).await {
+            Ok(_) => return Err(RepoError::AlreadyInitialized { url: url.into() }),
+            Err(backend::BackendError::NotFound) => {}
+            Err(e) => return Err(e.into_repo("head", config::CONFIG_KEY)),
+        }
+        if init.encryption.is_encrypted() && passphrase.is_none() {
+            return Err(RepoError::invalid(
+                "init",
+                "an encrypted repository needs a passphrase",
+            ));
+        }
+        let mut repo_id = [0u8; 16];
+        crypto::random(&mut repo_id)?;
+        let master = MasterKey::generate()?;
+        let keys = master.derive();
+        let cfg = RepoConfig {
+            format_version: 1,
+            repo_id: repo_id.to_vec(),
+            created: now_unix(),
+            encryption: init.encryption,
+            chunker: init.chunker,
+            compression: init.compression,
+            pack_target_size: init.pack_target_size,
+            index_page_entries: 1024,
+            gc: init.gc,
+        };
+        let key_id = crypto::random_id()?;
+        let pw = if init.encryption.is_encrypted() {
+            passphrase
+        } else {
+            None
+        };
+        let kf = KeyFile::wrap(&repo_id, &master, pw, init.kdf, key_id.clone(), now_unix())?;
+        backend::put_immutable(&*backend, &key_object(&key_id), Bytes::from(kf.encode()?)).await?;
+        let cfg_bytes = cfg.encode(&keys.mac)?;
+        match backend::put_immutable(&*backend, config::CONFIG_KEY, Bytes::from(cfg_bytes)).await {
+            Ok(PutOutcome::Created) => {}
+            Ok(PutOutcome::AlreadyPresent) | Err(RepoError::Conflict { .. }) => {
+                return Err(RepoError::AlreadyInitialized { url: url.into() })
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(Self::assemble(backend, cfg, master, key_id, opts))
+    }
+
+    fn assemble(
+        backend: DynBackend,
+        config: RepoConfig,
+        master: MasterKey,
+        key_id: String,
+        opts: OpenOptions,
+    ) -> Repository {
+        let keys = master.derive();
+        let repo_id = config.repo_id();
+        let sealer = Sealer::new(config.encryption.is_encrypted(), &keys.seal);
+        let cache = opts
+            .cache_dir
+            .clone()
+            .unwrap_or_else(default_cache_root)
+            .join(config.repo_id_hex())
+            .join("index");
+        let index = Arc::new(IndexSet::new(
+            backend.clone(),
+            sealer.clone(),
+            repo_id,
+            cache,
+            opts.index_page_cache,
+        ));
+        Repository {
+            inner: Arc::new(Inner {
+                backend,
+                config,
+                repo_id,
+                keys,
+                sealer,
+                index,
+                key_id,
+                master,
+                opts,
+            }),
+        }
+    }
+
+    /// Open and unlock a repository.
+    pub async fn open(
+        url: &str,
+        passphrase: PassphraseFn<'_>,
+        opts: OpenOptions,
+    ) -> Result<Repository> {
+        let backend = backend::open(url, false)?;
+        let cfg_bytes = match backend.get(config::CONFIG_KEY).await {
+            Ok(b) => b,
+            Err(backend::BackendError::NotFound) => {
+                return Err(RepoError::NoRepository {
+                    url: url.into(),
+                    reason: "no config object".into(),
+                })
+            }
+            Err(e) => return Err(e.into_repo("read", config::CONFIG_KEY)),
+        };
+        let (cfg, body, mac) = RepoConfig::decode(&cfg_bytes)?;
+        let repo_id = cfg.repo_id();
+        let listed = backend::list(&*backend, KEYS_PREFIX).await?;
+        if listed.is_empty() {
+            return Err(RepoError::corrupt(
+                KEYS_PREFIX,
+                "the repository has no key objects",
+            ));
+        }
+        let mut key_files = Vec::new();
+        let mut first_corrupt = None;
+        for o in &listed {
+            let bytes = backend::get(&*backend, &o.key).await?;
+            match KeyFile::decode(&bytes, &o.key) {
+                Ok(k) => key_files.push(k),
+                Err(e) => {
+                    first_corrupt.get_or_insert(e);
+                }
+            }
+        }
+        let needs_pw = cfg.encryption.is_encrypted();
+        let pw = if needs_pw && !key_files.is_empty() {
+            Some(passphrase().map_err(|reason| RepoError::invalid("passphrase", reason))?)
+        } else {
+            None
+        };
+        for k in &key_files {
+            if let Some(master) = k.unwrap_with(&repo_id, pw.as_ref().map(|p| p.as_slice()))? {
+                let keys = master.derive();
+                RepoConfig::authenticate(&body, &mac, &keys.mac)?;
+                return Ok(Self::assemble(backend, cfg, master, k.id.clone(), opts));
+            }
+        }
+        if let Some(e) = first_corrupt {
+            return Err(e);
+        }
+        Err(RepoError::WrongPassphrase { repo: url.into() })
+    }
+
+    pub fn config(&self) -> &RepoConfig {
+        &self.inner.config
+    }
+
+    pub fn location(&self) -> String {
+        self.inner.backend.location()
+    }
+
+    pub fn backend(&self) -> DynBackend {
+        self.inner.backend.clone()
+    }
+
+    /// Start a writer session (registers a lease).
+    pub async fn writer(&self, purpose: &str) -> Result<Writer> {
+        self.inner.index.refresh().await?;
+        Writer::new(self.inner.clone(), purpose).await
+    }
+
+    /// Names of manifests under `prefix` (relative to `manifests/`).
+    pub async fn list_manifests(&self, prefix: &str) -> Result<Vec<String>> {
+        let full = format!("{MANIFESTS_PREFIX}{prefix}");
+        let mut names: Vec<String> = backend::list(&*self.inner.backend, &full)
+            .await?
+            .into_iter()
+            .filter_map(|o| o.key.strip_prefix(MANIFESTS_PREFIX).map(str::to_string))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    pub(crate) async fn read_manifest_doc(&self, name: &str) -> Result<ManifestDoc> {
+        manifest::validate_name(name)?;
+        let object = manifest_object(name);
+        let bytes = backend::get(&*self.inner.backend, &object).await?;
+        let doc: ManifestDoc = open_doc(
+            &self.inner.sealer,
+            &self.inner.repo_id,
+            Kind::Manifest,
+            &object,
+            &bytes,
+        )?;
+        if doc.name != name {
+            return Err(RepoError::corrupt(
+                &object,
+                format!("names itself {:?}", doc.name),
+            ));
+        }
+        Ok(doc)
+    }
+
+    /// Read a manifest and its entry list.
+    pub async fn read_manifest(&self, name: &str) -> Result<Manifest> {
+        let doc = self.read_manifest_doc(name).await?;
+        self.inner.index.refresh().await?;
+        let mut body = Vec::with_capacity(doc.body_len as usize);
+        store::read_refs(&self.inner, &doc.body, &mut body).await?;
+        let object = manifest_object(name);
+        if body.len() as u64 != doc.body_len || blake3::hash(&body).as_bytes() != &doc.body_hash.0 {
+            return Err(RepoError::corrupt(
+                &object,
+                "entry list does not match its hash",
+            ));
+        }
+        let entries: Vec<Entry> = format::from_cbor(&body, &object)?;
+        if entries.len() as u64 != doc.entry_count {
+            return Err(RepoError::corrupt(&object, "entry count mismatch"));
+        }
+        Ok(Manifest {
+            name: doc.name,
+            created: doc.created,
+            meta: doc.meta,
+            entries,
+        })
+    }
+
+    /// Write one entry's bytes to `out`, verifying size and whole-stream hash.
+    /// The index is as loaded by `read_manifest` (or `writer`); a chunk it
+    /// lacks triggers one reload.
+    pub async fn restore_entry<W: std::io::Write + Send>(
+        &self,
+        entry: &Entry,
+        out: &mut W,
+    ) -> Result<()> {
+        let mut hasher = blake3::Hasher::new();
+        let mut tee = store::HashingWriter {
+            inner: out,
+            hasher: &mut hasher,
+            written: 0,
+        };
+        store::read_refs(&self.inner, &entry.chunks, &mut tee).await?;
+        let written = tee.written;
+        if written != entry.size || hasher.finalize().as_bytes() != &entry.hash.0 {
+            return Err(RepoError::corrupt(
+                format!("entry {}", entry.path),
+                "restored bytes do not match the recorded size and hash",
+            ));
+        }
+        Ok(())
+    }
+
+    pub async fn info(&self) -> Result<RepoInfo> {
+        let b = &*self.inner.backend;
+        self.inner.index.refresh().await?;
+        let packs = backend::list(b, pack::PACKS_PREFIX).await?;
+        let keys = backend::list(b, KEYS_PREFIX).await?;
+        let leases = backend::list(b, LEASES_PREFIX).await?;
+        let names = self.list_manifests("").await?;
+        let mut logical = 0u64;
+        for n in &names {
+            logical += self.read_manifest_doc(n).await?.logical_bytes;
+        }
+        let stored: u64 = packs.iter().map(|p| p.size).sum();
+        let (index_objects, index_entries, _, _) = self.inner.index.stats();
+        let c = &self.inner.config;
+        Ok(RepoInfo {
+            location: self.location(),
+            format_version: c.format_version,
+            repository_id: c.repo_id_hex(),
+            encryption: c.encryption.name(),
+            chunker: c.chunker,
+            compression_level: c.compression.level,
+            keys: keys.len(),
+            packs: packs.len(),
+            stored_bytes: stored,
+            index_objects,
+            index_entries,
+            manifests: names.len(),
+            logical_bytes: logical,
+            dedup_ratio: if stored == 0 {
+                0.0
+            } else {
+                logical as f64 / stored as f64
+            },
+            leases: leases.len(),
+        })
+    }
+
+    pub async fn list_keys(&self) -> Result<Vec<KeyInfo>> {
+        let b = &*self.inner.backend;
+        let mut out = Vec::new();
+        for o in backend::list(b, KEYS_PREFIX).await? {
+            let k = KeyFile::decode(&backend::get(b, &o.key).await?, &o.key)?;
+            out.push(KeyInfo {
+                current: k.id == self.inner.key_id,
+                kdf: match &k.kdf {
+                    keys::Kdf::Argon2id { params, .. } => {
+                        format!(
+                            "argon2id m={}KiB t={} p={}",
+                            params.m_cost, params.t_cost, params.p_cost
+                        )
+                    }
+                    keys::Kdf::None => "none (unencrypted repository)".into(),
+                },
+                id: k.id,
+                created: k.created,
+                hostname: k.hostname,
+                username: k.username,
+            });
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Wrap the master key under another passphrase; returns the new key id.
+    pub async fn add_key(&self, passphrase: &[u8], kdf: KdfParams) -> Result<String> {
+        if !self.inner.config.encryption.is_encrypted() {
+            return Err(RepoError::invalid(
+                "key add",
+                "this repository is not encrypted; it has no passphrases",
+            ));
+        }
+        let id = crypto::random_id()?;
+        let kf = KeyFile::wrap(
+            &self.inner.repo_id,
+            &self.inner.master,
+            Some(passphrase),
+            kdf,
+            id.clone(),
+            now_unix(),
+        )?;
+        backend::put_immutable(
+            &*self.inner.backend,
+            &key_object(&id),
+            Bytes::from(kf.encode()?),
+        )
+        .await?;
+        Ok(id)
+    }
+
+    /// Remove a key object. Refuses to remove the last key. Removal revokes
+    /// nothing already copied (see repo-format.md).
+    pub async fn remove_key(&self, id: &str) -> Result<()> {
+        let keys = self.list_keys().await?;
+        if !keys.iter().any(|k| k.id == id) {
+            return Err(RepoError::NotFound {
+                key: key_object(id),
+            });
+        }
+        if keys.len() < 2 {
+            return Err(RepoError::invalid(
+                "key remove",
+                "refusing to remove the repository's last key",
+            ));
+        }
+        let object = key_object(id);
+        self.inner
+            .backend
+            .delete(&object)
+            .await
+            .map_err(|e| e.into_repo("delete", &object))
+    }
+
+    /// Record a collector's mark (`gc/marks/<id>`): the first phase of
+    /// two-phase deletion. Writers read marks before they commit.
+    pub async fn write_mark(&self, mark: &lease::GcMark) -> Result<String> {
+        validate_mark_id(&mark.id)?;
+        let key = format!("{}{}", lease::MARKS_PREFIX, mark.id);
+        let bytes = lease::seal_doc(
+            &self.inner.sealer,
+            &self.inner.repo_id,
+            Kind::GcMark,
+            &key,
+            mark,
+        )?;
+        backend::put_immutable(&*self.inner.backend, &key, Bytes::from(bytes)).await?;
+        Ok(key)
+    }
+
+    /// Id of the key that unlocked this session.
+    pub fn current_key(&self) -> &str {
+        &self.inner.key_id
+    }
+}

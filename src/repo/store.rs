@@ -1,0 +1,586 @@
+//! The store pipeline: chunk, hash, deduplicate, compress, seal, pack,
+//! upload, index; and the reverse for reading.
+//!
+//! ```text
+//! reader thread ──chunks──▶ bounded channel ──▶ CPU workers (semaphore)
+//!   (FastCDC, whole-stream      │                 id, dedup check, zstd, seal
+//!    BLAKE3)                    ▼ in stream order
+//!                          packer ──full packs──▶ uploads (bounded) ──▶ index objects
+//! ```
+//!
+//! Every stage is bounded, so memory stays flat whatever the input size:
+//! chunks in flight ≤ channel + workers, packs in flight ≤ `io_depth`.
+//! Order of durability: packs, then the index objects naming them, then
+//! (in `commit`) the manifest.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::backend;
+use super::chunker::stream_chunker;
+use super::crypto::chunk_id;
+use super::error::{RepoError, Result};
+use super::format::{now_unix, to_cbor, ChunkId, Kind};
+use super::index::{build_index, index_object, Location, PackInfo};
+use super::lease::{load_marks, seal_doc, Lease};
+use super::manifest::{manifest_object, validate_name, ChunkRef, Entry, Manifest, ManifestDoc};
+use super::pack::{
+    open_chunk, pack_object, seal_chunk, ChunkKeys, ChunkKind, PackBuilder, PackEntry, SealedChunk,
+};
+use super::Inner;
+
+/// Flush an index object once this many entries await one.
+const INDEX_FLUSH_ENTRIES: usize = 64 * 1024;
+
+/// The result of storing one stream.
+#[derive(Debug, Clone)]
+pub struct StoredStream {
+    pub chunks: Vec<ChunkRef>,
+    pub size: u64,
+    /// Plain BLAKE3 of the whole stream.
+    pub hash: ChunkId,
+}
+
+/// Counters of a writer session.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WriteStats {
+    pub chunks_new: u64,
+    pub chunks_reused: u64,
+    pub bytes_new_raw: u64,
+    pub bytes_new_stored: u64,
+    pub bytes_reused: u64,
+    pub packs_written: u64,
+    pub index_objects_written: u64,
+    /// Chunks rewritten because a collector had condemned their packs.
+    pub chunks_rescued: u64,
+}
+
+struct Shared {
+    inner: Arc<Inner>,
+    seen: Mutex<HashSet<ChunkId>>,
+    stats: Mutex<WriteStats>,
+    level: i32,
+}
+
+/// A pack that is durable in the repository, with its table.
+type Uploaded = (PackInfo, Vec<PackEntry>);
+
+struct Packers {
+    data: PackBuilder,
+    meta: PackBuilder,
+}
+
+/// A writer session: stores streams and commits manifests.
+pub struct Writer {
+    shared: Arc<Shared>,
+    lease: Option<Lease>,
+    cpu: Arc<Semaphore>,
+    packers: tokio::sync::Mutex<Packers>,
+    uploads: tokio::sync::Mutex<JoinSet<Result<Uploaded>>>,
+    unindexed: Mutex<Vec<(PackInfo, Vec<PackEntry>)>>,
+    /// Streams being stored right now; `commit` requires none.
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a stream in flight for as long as it lives.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Writer {
+    pub(crate) async fn new(inner: Arc<Inner>, purpose: &str) -> Result<Writer> {
+        let lease = Lease::acquire(
+            inner.backend.clone(),
+            inner.sealer.clone(),
+            inner.repo_id,
+            purpose,
+            inner.config.gc.max_writer_secs,
+        )
+        .await?;
+        let level = inner
+            .opts
+            .compression_level
+            .unwrap_or(inner.config.compression.level);
+        let workers = inner.opts.workers.max(1);
+        Ok(Writer {
+            shared: Arc::new(Shared {
+                inner,
+                seen: Mutex::new(HashSet::new()),
+                stats: Mutex::new(WriteStats::default()),
+                level,
+            }),
+            lease: Some(lease),
+            cpu: Arc::new(Semaphore::new(workers)),
+            packers: tokio::sync::Mutex::new(Packers {
+                data: PackBuilder::new(ChunkKind::Data),
+                meta: PackBuilder::new(ChunkKind::Meta),
+            }),
+            uploads: tokio::sync::Mutex::new(JoinSet::new()),
+            unindexed: Mutex::new(Vec::new()),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    pub fn stats(&self) -> WriteStats {
+        lock(&self.shared.stats).clone()
+    }
+
+    /// Store everything `reader` yields as data chunks.
+    pub async fn store_reader<R: Read + Send + 'static>(&self, reader: R) -> Result<StoredStream> {
+        self.store(reader, ChunkKind::Data).await
+    }
+
+    pub async fn store_bytes(&self, data: Vec<u8>) -> Result<StoredStream> {
+        self.store(std::io::Cursor::new(data), ChunkKind::Data)
+            .await
+    }
+
+    async fn store<R: Read + Send + 'static>(
+        &self,
+        reader: R,
+        kind: ChunkKind,
+    ) -> Result<StoredStream> {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _guard = InFlight(&self.in_flight);
+        let inner = &self.shared.inner;
+        let workers = inner.opts.workers.max(1);
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(workers * 2);
+        let params = inner.config.chunker;
+        let seed = inner.keys.gear_seed;
+        let chunker = tokio::task::spawn_blocking(move || {
+            let mut hasher = blake3::Hasher::new();
+            let mut total = 0u64;
+            for c in stream_chunker(reader, &params, seed) {
+                match c {
+                    Ok(cd) => {
+                        hasher.update(&cd.data);
+                        total += cd.data.len() as u64;
+                        if tx.blocking_send(Ok(cd.data)).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e.into()));
+                        break;
+                    }
+                }
+            }
+            (ChunkId(*hasher.finalize().as_bytes()), total)
+        });
+        let chunks =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+        let processed = chunks
+            .map(|data| {
+                let shared = self.shared.clone();
+                let cpu = self.cpu.clone();
+                async move {
+                    let data = data.map_err(|e| RepoError::io("reading the input stream", e))?;
+                    let _permit = cpu
+                        .acquire_owned()
+                        .await
+                        .map_err(|e| RepoError::Task(e.to_string()))?;
+                    tokio::task::spawn_blocking(move || process_chunk(&shared, kind, data)).await?
+                }
+            })
+            .buffered(workers * 2);
+        let mut processed = std::pin::pin!(processed);
+        let mut refs = Vec::new();
+        while let Some(r) = processed.next().await {
+            let (cref, sealed) = r?;
+            refs.push(cref);
+            if let Some(s) = sealed {
+                self.add_to_pack(s).await?;
+            }
+        }
+        let (hash, size) = chunker.await?;
+        let stored: u64 = refs.iter().map(|r| r.1 as u64).sum();
+        if stored != size {
+            return Err(RepoError::Task(format!(
+                "chunked {size} bytes but stored {stored}"
+            )));
+        }
+        Ok(StoredStream {
+            chunks: refs,
+            size,
+            hash,
+        })
+    }
+
+    async fn add_to_pack(&self, s: SealedChunk) -> Result<()> {
+        let target = self.shared.inner.config.pack_target_size as usize;
+        let full = {
+            let mut p = self.packers.lock().await;
+            let b = match s.kind {
+                ChunkKind::Data => &mut p.data,
+                ChunkKind::Meta => &mut p.meta,
+            };
+            b.add(s);
+            if b.len() >= target {
+                Some(std::mem::replace(b, PackBuilder::new(b.kind)))
+            } else {
+                None
+            }
+        };
+        if let Some(b) = full {
+            self.upload(b).await?;
+        }
+        Ok(())
+    }
+
+    /// Seal and upload a pack in the background; at most `io_depth` at once.
+    async fn upload(&self, b: PackBuilder) -> Result<()> {
+        let inner = self.shared.inner.clone();
+        let mut uploads = self.uploads.lock().await;
+        while uploads.len() >= inner.opts.io_depth.max(1) {
+            if let Some(done) = uploads.join_next().await {
+                self.uploaded(done??)?;
+            }
+        }
+        let shared = self.shared.clone();
+        uploads.spawn(async move {
+            let inner = shared.inner.clone();
+            let (id, bytes, entries) = {
+                let inner = inner.clone();
+                tokio::task::spawn_blocking(move || b.finish(&inner.sealer, &inner.repo_id))
+                    .await??
+            };
+            let info = PackInfo {
+                id,
+                size: bytes.len() as u64,
+                kind: entries.first().map(|e| e.kind).unwrap_or(ChunkKind::Data),
+            };
+            backend::put_immutable(&*inner.backend, &pack_object(&id), Bytes::from(bytes)).await?;
+            lock(&shared.stats).packs_written += 1;
+            Ok((info, entries))
+        });
+        Ok(())
+    }
+
+    fn uploaded(&self, done: (PackInfo, Vec<PackEntry>)) -> Result<()> {
+        lock(&self.unindexed).push(done);
+        Ok(())
+    }
+
+    /// Write every pending pack, wait for all uploads, then write the index
+    /// objects that name them. After this, everything stored so far is
+    /// durable and findable.
+    pub async fn flush(&self) -> Result<()> {
+        let (data, meta) = {
+            let mut p = self.packers.lock().await;
+            (
+                std::mem::replace(&mut p.data, PackBuilder::new(ChunkKind::Data)),
+                std::mem::replace(&mut p.meta, PackBuilder::new(ChunkKind::Meta)),
+            )
+        };
+        for b in [data, meta] {
+            if !b.is_empty() {
+                self.upload(b).await?;
+            }
+        }
+        {
+            let mut uploads = self.uploads.lock().await;
+            while let Some(done) = uploads.join_next().await {
+                self.uploaded(done??)?;
+            }
+        }
+        self.write_index(true).await
+    }
+
+    async fn write_index(&self, all: bool) -> Result<()> {
+        let pending: Vec<(PackInfo, Vec<PackEntry>)> = {
+            let mut u = lock(&self.unindexed);
+            let n: usize = u.iter().map(|(_, e)| e.len()).sum();
+            if u.is_empty() || (!all && n < INDEX_FLUSH_ENTRIES) {
+                return Ok(());
+            }
+            std::mem::take(&mut *u)
+        };
+        let inner = self.shared.inner.clone();
+        let page = inner.config.index_page_entries as usize;
+        let (name, bytes) = {
+            let inner = inner.clone();
+            tokio::task::spawn_blocking(move || {
+                build_index(&inner.sealer, &inner.repo_id, &pending, page)
+            })
+            .await??
+        };
+        backend::put_immutable(
+            &*inner.backend,
+            &index_object(&name),
+            Bytes::from(bytes.clone()),
+        )
+        .await?;
+        inner.index.add_written(&name, &bytes).await?;
+        lock(&self.shared.stats).index_objects_written += 1;
+        Ok(())
+    }
+
+    /// Store the manifest: its entry list as metadata chunks, then (after
+    /// everything it references is durable and indexed, the lease is
+    /// current, and no reused chunk depends on a condemned pack) the
+    /// manifest document, create-if-absent.
+    pub async fn commit(&self, manifest: &Manifest) -> Result<()> {
+        validate_name(&manifest.name)?;
+        // A chunk another stream has claimed but not yet packed would be
+        // referenced before it is durable.
+        if self.in_flight.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+            return Err(RepoError::Task(
+                "commit called while streams are still being stored".into(),
+            ));
+        }
+        let object = manifest_object(&manifest.name);
+        let body = to_cbor(&manifest.entries)?;
+        let body_len = body.len() as u64;
+        let body_hash = ChunkId(*blake3::hash(&body).as_bytes());
+        let stored = self
+            .store(std::io::Cursor::new(body), ChunkKind::Meta)
+            .await?;
+        self.flush().await?;
+        self.rescue_condemned(manifest, &stored.chunks).await?;
+        if let Some(l) = &self.lease {
+            l.check().await?;
+        }
+        let doc = ManifestDoc {
+            name: manifest.name.clone(),
+            created: manifest.created,
+            meta: manifest.meta.clone(),
+            body: stored.chunks,
+            body_len,
+            body_hash,
+            entry_count: manifest.entries.len() as u64,
+            logical_bytes: manifest.entries.iter().map(|e| e.size).sum(),
+        };
+        let inner = &self.shared.inner;
+        let bytes = seal_doc(&inner.sealer, &inner.repo_id, Kind::Manifest, &object, &doc)?;
+        backend::put_immutable(&*inner.backend, &object, Bytes::from(bytes)).await?;
+        Ok(())
+    }
+
+    /// The writer's side of two-phase deletion: any chunk this manifest
+    /// references that a collector has marked as garbage, and that has no
+    /// copy outside condemned packs, is read back and stored again.
+    async fn rescue_condemned(&self, manifest: &Manifest, body: &[ChunkRef]) -> Result<()> {
+        let inner = self.shared.inner.clone();
+        let condemned = load_marks(&inner.backend, &inner.sealer, &inner.repo_id).await?;
+        if condemned.garbage.is_empty() {
+            return Ok(());
+        }
+        let mut rescued = HashSet::new();
+        let refs = manifest
+            .entries
+            .iter()
+            .flat_map(|e| e.chunks.iter().map(|c| (c.0, ChunkKind::Data)))
+            .chain(body.iter().map(|c| (c.0, ChunkKind::Meta)));
+        for (id, kind) in refs {
+            if !condemned.garbage.contains_key(&id) || rescued.contains(&id) {
+                continue;
+            }
+            let locs = {
+                let index = inner.index.clone();
+                tokio::task::spawn_blocking(move || index.lookup_all(&id)).await??
+            };
+            if locs.iter().any(|l| !condemned.packs.contains(&l.pack)) {
+                continue;
+            }
+            let loc = locs.first().copied().ok_or_else(|| {
+                RepoError::corrupt(id.to_hex(), "referenced chunk is in no index")
+            })?;
+            let data = fetch_chunk(&inner, &id, &loc).await?;
+            let sealed = {
+                let inner = inner.clone();
+                let level = self.shared.level;
+                tokio::task::spawn_blocking(move || {
+                    seal_chunk(&inner.sealer, &inner.repo_id, kind, id, &data, level)
+                })
+                .await??
+            };
+            self.add_to_pack(sealed).await?;
+            rescued.insert(id);
+        }
+        if !rescued.is_empty() {
+            lock(&self.shared.stats).chunks_rescued += rescued.len() as u64;
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// End the session: flush what is pending and drop the lease.
+    pub async fn finish(mut self) -> Result<WriteStats> {
+        self.flush().await?;
+        if let Some(l) = self.lease.take() {
+            l.release().await;
+        }
+        Ok(self.stats())
+    }
+}
+
+/// Hash a chunk and decide: already stored (reuse) or new (compress, seal).
+fn process_chunk(
+    shared: &Shared,
+    kind: ChunkKind,
+    data: Vec<u8>,
+) -> Result<(ChunkRef, Option<SealedChunk>)> {
+    let inner = &shared.inner;
+    let id = ChunkId(chunk_id(&inner.keys.chunk_id, &data));
+    let len = data.len() as u32;
+    let first_in_session = lock(&shared.seen).insert(id);
+    let known = !first_in_session || inner.index.lookup(&id)?.is_some();
+    if known {
+        let mut st = lock(&shared.stats);
+        st.chunks_reused += 1;
+        st.bytes_reused += len as u64;
+        return Ok((ChunkRef(id, len), None));
+    }
+    let sealed = seal_chunk(&inner.sealer, &inner.repo_id, kind, id, &data, shared.level)?;
+    let mut st = lock(&shared.stats);
+    st.chunks_new += 1;
+    st.bytes_new_raw += len as u64;
+    st.bytes_new_stored += sealed.blob.len() as u64;
+    Ok((ChunkRef(id, len), Some(sealed)))
+}
+
+/// Fetch and open one chunk at a known location.
+async fn fetch_chunk(inner: &Arc<Inner>, id: &ChunkId, loc: &Location) -> Result<Vec<u8>> {
+    let object = pack_object(&loc.pack);
+    let range = loc.offset as u64..loc.offset as u64 + loc.length as u64;
+    let blob = match inner.backend.get_range(&object, range).await {
+        Ok(b) => b,
+        Err(e) => return Err(e.into_repo("read", &object)),
+    };
+    let inner2 = inner.clone();
+    let id = *id;
+    let kind = loc.kind;
+    let max = inner.config.chunker.max_size as usize;
+    tokio::task::spawn_blocking(move || {
+        let keys = ChunkKeys {
+            sealer: &inner2.sealer,
+            repo_id: &inner2.repo_id,
+            id_key: &inner2.keys.chunk_id,
+        };
+        open_chunk(&keys, kind, &id, &blob, max, &object)
+    })
+    .await?
+}
+
+/// Find and read one chunk. A pack that has gone missing (collected and
+/// re-packed since our index was loaded) makes us reload the index once;
+/// a damaged copy makes us try the other copies before giving up.
+async fn read_chunk(inner: &Arc<Inner>, id: ChunkId) -> Result<Vec<u8>> {
+    let mut reloaded = false;
+    loop {
+        let locs = {
+            let index = inner.index.clone();
+            tokio::task::spawn_blocking(move || index.lookup_all(&id)).await??
+        };
+        let mut missing_pack = None;
+        let mut damaged = None;
+        for loc in &locs {
+            match fetch_chunk(inner, &id, loc).await {
+                Ok(d) => return Ok(d),
+                Err(RepoError::NotFound { key }) => missing_pack = Some(key),
+                Err(e @ RepoError::Corrupt { .. }) => {
+                    damaged.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(e) = damaged {
+            return Err(e);
+        }
+        if reloaded {
+            return Err(match missing_pack {
+                Some(key) => RepoError::corrupt(key, format!("pack holding chunk {id} is missing")),
+                None => RepoError::corrupt(
+                    format!("chunk {id}"),
+                    "referenced but in no index object (run `pgcairn verify`)",
+                ),
+            });
+        }
+        inner.index.refresh().await?;
+        reloaded = true;
+    }
+}
+
+/// Write the chunks' bytes to `out` in order, fetching ahead in parallel.
+pub(crate) async fn read_refs<W: Write + Send>(
+    inner: &Arc<Inner>,
+    refs: &[ChunkRef],
+    out: &mut W,
+) -> Result<()> {
+    let depth = inner.opts.io_depth.max(1) * 2;
+    let mut s = futures::stream::iter(refs.iter().copied())
+        .map(|r| {
+            let inner = inner.clone();
+            async move {
+                let d = read_chunk(&inner, r.0).await?;
+                if d.len() != r.1 as usize {
+                    return Err(RepoError::corrupt(
+                        format!("chunk {}", r.0),
+                        "length differs from the reference",
+                    ));
+                }
+                Ok::<_, RepoError>(d)
+            }
+        })
+        .buffered(depth);
+    while let Some(d) = s.try_next().await? {
+        out.write_all(&d)
+            .map_err(|e| RepoError::io("writing restored data", e))?;
+    }
+    Ok(())
+}
+
+pub(crate) struct HashingWriter<'a, W: Write> {
+    pub inner: &'a mut W,
+    pub hasher: &'a mut blake3::Hasher,
+    pub written: u64,
+}
+
+impl<W: Write> Write for HashingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Build an [`Entry`] from a stored stream.
+pub fn entry(path: impl Into<String>, s: StoredStream, attrs: ciborium::Value) -> Entry {
+    Entry {
+        path: path.into(),
+        size: s.size,
+        hash: s.hash,
+        chunks: s.chunks,
+        attrs,
+    }
+}
+
+/// A manifest stamped now.
+pub fn manifest(name: impl Into<String>, meta: ciborium::Value, entries: Vec<Entry>) -> Manifest {
+    Manifest {
+        name: name.into(),
+        created: now_unix(),
+        meta,
+        entries,
+    }
+}

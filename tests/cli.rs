@@ -1,0 +1,151 @@
+//! The `pgcairn` binary as a user runs it: exit codes and messages.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Output};
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn repo(&self) -> String {
+        self.dir.path().join("repo").to_string_lossy().to_string()
+    }
+    fn cmd(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pgcairn"));
+        c.args(args)
+            .env_remove("PGCAIRN_PASSPHRASE")
+            .env_remove("PGCAIRN_NEW_PASSPHRASE")
+            .env_remove("PGCAIRN_PASSPHRASE_FILE")
+            .env_remove("PGCAIRN_PASSPHRASE_COMMAND")
+            .env("PGCAIRN_REPO", self.repo())
+            .env("PGCAIRN_CACHE_DIR", self.dir.path().join("cache"))
+            .env("PGCAIRN_KDF", "1024,1,1")
+            .stdin(std::process::Stdio::null());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn init_info_and_wrong_passphrase() {
+    let e = Env::new();
+    let o = e.cmd(&["init"], &[("PGCAIRN_NEW_PASSPHRASE", "s3cret")]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = e.cmd(
+        &["info", "--format", "json"],
+        &[("PGCAIRN_PASSPHRASE", "s3cret")],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["format_version"], 1);
+    assert_eq!(v["encryption"], "xchacha20poly1305");
+    assert_eq!(v["keys"], 1);
+
+    let o = e.cmd(&["info"], &[("PGCAIRN_PASSPHRASE", "wrong")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("wrong passphrase"), "{}", text(&o));
+
+    // No passphrase source and no terminal: a clear error, not a hang.
+    let o = e.cmd(&["info"], &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("PGCAIRN_PASSPHRASE"), "{}", text(&o));
+
+    // A second init is refused.
+    let o = e.cmd(&["init"], &[("PGCAIRN_NEW_PASSPHRASE", "x")]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("already exists"), "{}", text(&o));
+}
+
+#[test]
+fn passphrase_file_must_be_private() {
+    let e = Env::new();
+    let f = e.dir.path().join("pw");
+    std::fs::write(&f, "filepass\n").unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let fp = f.to_string_lossy().to_string();
+    let o = e.cmd(&["init", "--passphrase-file", &fp], &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("chmod 600"), "{}", text(&o));
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let o = e.cmd(&["init", "--passphrase-file", &fp], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = e.cmd(&["key", "list", "--passphrase-file", &fp], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("(current)"));
+}
+
+#[test]
+fn key_add_and_passwd() {
+    let e = Env::new();
+    assert!(e
+        .cmd(&["init"], &[("PGCAIRN_NEW_PASSPHRASE", "one")])
+        .status
+        .success());
+    let o = e.cmd(
+        &["key", "add"],
+        &[
+            ("PGCAIRN_PASSPHRASE", "one"),
+            ("PGCAIRN_NEW_PASSPHRASE", "two"),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let o = e.cmd(
+        &["key", "passwd"],
+        &[
+            ("PGCAIRN_PASSPHRASE", "one"),
+            ("PGCAIRN_NEW_PASSPHRASE", "three"),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!e
+        .cmd(&["info"], &[("PGCAIRN_PASSPHRASE", "one")])
+        .status
+        .success());
+    assert!(e
+        .cmd(&["info"], &[("PGCAIRN_PASSPHRASE", "two")])
+        .status
+        .success());
+    assert!(e
+        .cmd(&["info"], &[("PGCAIRN_PASSPHRASE", "three")])
+        .status
+        .success());
+}
+
+#[test]
+fn unencrypted_repository_says_it_is_readable() {
+    let e = Env::new();
+    let o = e.cmd(&["init", "--encryption", "none"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("NOT encrypted"), "{}", text(&o));
+    let o = e.cmd(&["info"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("NOT encrypted"));
+}
+
+#[test]
+fn missing_repository_is_named() {
+    let e = Env::new();
+    let o = e.cmd(&["info"], &[("PGCAIRN_PASSPHRASE", "x")]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains(&e.repo()) && text(&o).contains("pgcairn init"),
+        "{}",
+        text(&o)
+    );
+}
