@@ -149,3 +149,56 @@ fn missing_repository_is_named() {
         text(&o)
     );
 }
+
+#[test]
+fn config_file_and_passphrase_command() {
+    let e = Env::new();
+    let cfg = e.dir.path().join("pgcairn.toml");
+    let other = e.dir.path().join("other-repo");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[repository]\nurl = {:?}\npassphrase_command = \"printf cmd-pass\"\n",
+            other.to_string_lossy()
+        ),
+    )
+    .unwrap();
+    let c = cfg.to_string_lossy().to_string();
+    // --repo from the environment would win over the file; drop it.
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgcairn"));
+        cmd.args(args)
+            .env_remove("PGCAIRN_REPO")
+            .env_remove("PGCAIRN_PASSPHRASE")
+            .env_remove("PGCAIRN_NEW_PASSPHRASE")
+            .env("PGCAIRN_CACHE_DIR", e.dir.path().join("cache"))
+            .env("PGCAIRN_KDF", "1024,1,1")
+            .stdin(std::process::Stdio::null());
+        cmd.output().unwrap()
+    };
+    let o = run(&["--config", &c, "init"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        other.join("config").exists(),
+        "repository created at the config file's url"
+    );
+    let o = run(&["--config", &c, "info", "--format", "json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // The command's output is the passphrase: a wrong one fails.
+    std::fs::write(
+        &cfg,
+        format!(
+            "[repository]\nurl = {:?}\npassphrase_command = \"printf nope\"\n",
+            other.to_string_lossy()
+        ),
+    )
+    .unwrap();
+    let o = run(&["--config", &c, "info"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("wrong passphrase"), "{}", text(&o));
+    // An unknown key in the file is an error that names the file.
+    std::fs::write(&cfg, "[repository]\nurll = \"x\"\n").unwrap();
+    let o = run(&["--config", &c, "info"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("pgcairn.toml"), "{}", text(&o));
+}

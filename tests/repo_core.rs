@@ -460,3 +460,52 @@ async fn concurrent_writers_deduplicate_and_both_restore() {
         assert!(out == data);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reader_reloads_the_index_once_when_a_pack_is_gone() {
+    let t = local_repo(test_init()).await;
+    let data = committed(&t).await;
+    let b = t.repo.backend();
+    let old_index = backend::list(&*b, "index/").await.unwrap();
+    assert_eq!(old_index.len(), 1);
+    let mut packs = backend::list(&*b, "packs/").await.unwrap();
+    packs.sort_by_key(|o| std::cmp::Reverse(o.size));
+    let data_pack = packs[0].key.clone();
+
+    // A reader loads the index now, before the repack below.
+    let (reader, _c) = reopen(&t.url).await;
+    let m1 = reader.read_manifest("backups/x/1").await.unwrap();
+
+    // "Repack": condemn the data pack, let a writer rescue its chunks into a
+    // new pack and index, then delete the old pack and the old index object.
+    let mark = GcMark {
+        id: "repack".into(),
+        created_local: 0,
+        packs: vec![CondemnedPack {
+            pack: pack_id_from_key(&data_pack).unwrap(),
+            garbage: m1.entries[0].chunks.iter().map(|c| c.0).collect(),
+        }],
+    };
+    t.repo.write_mark(&mark).await.unwrap();
+    let w = t.repo.writer("t").await.unwrap();
+    let s = w.store_bytes(data.clone()).await.unwrap();
+    w.commit(&manifest(
+        "backups/x/2",
+        Value::Null,
+        vec![entry("f", s, Value::Null)],
+    ))
+    .await
+    .unwrap();
+    w.finish().await.unwrap();
+    b.delete(&data_pack).await.unwrap();
+    b.delete(&old_index[0].key).await.unwrap();
+
+    // The reader's index still points at the deleted pack: it must reload
+    // once and find the new copy.
+    let mut out = Vec::new();
+    reader
+        .restore_entry(&m1.entries[0], &mut out)
+        .await
+        .expect("restore after reload");
+    assert!(out == data);
+}

@@ -446,6 +446,87 @@ mod tests {
         assert!(e.is_not_found());
     }
 
+    /// A real local store that fails its first `n` calls transiently.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: ObjectStoreBackend,
+        failures: std::sync::atomic::AtomicU32,
+    }
+
+    impl Flaky {
+        fn fail(&self) -> BResult<()> {
+            let left = self.failures.load(std::sync::atomic::Ordering::SeqCst);
+            if left > 0 {
+                self.failures
+                    .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+                return Err(BackendError::Transient("injected fault".into()));
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl Backend for Flaky {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        async fn put(&self, key: &str, data: Bytes, mode: WriteMode) -> BResult<()> {
+            self.fail()?;
+            self.inner.put(key, data, mode).await
+        }
+        async fn get(&self, key: &str) -> BResult<Bytes> {
+            self.fail()?;
+            self.inner.get(key).await
+        }
+        async fn get_range(&self, key: &str, range: Range<u64>) -> BResult<Bytes> {
+            self.fail()?;
+            self.inner.get_range(key, range).await
+        }
+        async fn head(&self, key: &str) -> BResult<ObjectInfo> {
+            self.fail()?;
+            self.inner.head(key).await
+        }
+        async fn list(&self, prefix: &str) -> BResult<Vec<ObjectInfo>> {
+            self.fail()?;
+            self.inner.list(prefix).await
+        }
+        async fn delete(&self, key: &str) -> BResult<()> {
+            self.fail()?;
+            self.inner.delete(key).await
+        }
+    }
+
+    #[tokio::test]
+    async fn transient_faults_are_retried_then_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let flaky = Flaky {
+            inner: ObjectStoreBackend::open(dir.path().to_str().unwrap(), false).unwrap(),
+            failures: std::sync::atomic::AtomicU32::new(1),
+        };
+        let r = Retrying::new(flaky);
+        // One fault: absorbed by the retry.
+        put_immutable(&r, "k", Bytes::from_static(b"v"))
+            .await
+            .unwrap();
+        r.inner
+            .failures
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(list(&r, "").await.unwrap().len(), 1);
+        // More faults than attempts: an error, never "absent" or "empty".
+        r.inner
+            .failures
+            .store(10, std::sync::atomic::Ordering::SeqCst);
+        let e = get(&r, "k").await.unwrap_err();
+        assert!(matches!(e, RepoError::Storage { .. }), "{e}");
+        r.inner
+            .failures
+            .store(10, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(
+            list(&r, "").await.unwrap_err(),
+            RepoError::Storage { .. }
+        ));
+    }
+
     #[test]
     fn rejects_unknown_scheme_and_missing_dir() {
         assert!(matches!(

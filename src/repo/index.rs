@@ -452,3 +452,65 @@ fn read_tail(path: &Path, object: &str) -> Result<(Vec<u8>, u64)> {
         .map_err(|e| RepoError::io(format!("reading cached {object}"), e))?;
     Ok((buf, len))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::crypto::MasterKey;
+
+    #[tokio::test]
+    async fn paged_lookups_with_a_tiny_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backend::open(dir.path().to_str().unwrap(), false).unwrap();
+        let mk = MasterKey::generate().unwrap();
+        let sealer = Sealer::new(true, &mk.derive().seal);
+        let rid = [9u8; 16];
+        let id = |i: u32| ChunkId(*blake3::hash(&i.to_le_bytes()).as_bytes());
+        // Two packs, 5000 chunks, pages of 100: 50 pages.
+        let packs: Vec<(PackInfo, Vec<PackEntry>)> = (0..2u32)
+            .map(|p| {
+                let entries = (0..2500u32)
+                    .map(|i| PackEntry {
+                        id: id(p * 2500 + i),
+                        kind: ChunkKind::Data,
+                        offset: 9 + i * 10,
+                        length: 10,
+                        raw_length: 20 + i,
+                    })
+                    .collect();
+                (
+                    PackInfo {
+                        id: ChunkId([p as u8; 32]),
+                        size: 25_009,
+                        kind: ChunkKind::Data,
+                    },
+                    entries,
+                )
+            })
+            .collect();
+        let (name, bytes) = build_index(&sealer, &rid, &packs, 100).unwrap();
+        backend::put_immutable(&*b, &index_object(&name), Bytes::from(bytes))
+            .await
+            .unwrap();
+        let set = IndexSet::new(b.clone(), sealer.clone(), rid, dir.path().join("cache"), 4);
+        set.refresh().await.unwrap();
+        let loaded = set.read_loaded().clone();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].dir.pages.len(), 50);
+        for i in (0..5000u32).step_by(7) {
+            let loc = set.lookup(&id(i)).unwrap().expect("present");
+            assert_eq!(loc.pack, ChunkId([(i / 2500) as u8; 32]));
+            assert_eq!(loc.raw_length, 20 + i % 2500);
+        }
+        assert!(set.lookup(&id(5000)).unwrap().is_none());
+        assert!(
+            set.pages.lock().unwrap().len() <= 4,
+            "page cache is bounded"
+        );
+        assert_eq!(set.stats(), (1, 5000, 2, 50_018));
+        // A removed index object is forgotten on refresh.
+        b.delete(&index_object(&name)).await.unwrap();
+        set.refresh().await.unwrap();
+        assert!(set.lookup(&id(1)).unwrap().is_none());
+    }
+}

@@ -330,9 +330,11 @@ impl Repository {
     }
 
     /// Start a writer session (registers a lease).
+    /// The lease is registered before the writer's first index lookup.
     pub async fn writer(&self, purpose: &str) -> Result<Writer> {
+        let w = Writer::new(self.inner.clone(), purpose).await?;
         self.inner.index.refresh().await?;
-        Writer::new(self.inner.clone(), purpose).await
+        Ok(w)
     }
 
     /// Names of manifests under `prefix` (relative to `manifests/`).
