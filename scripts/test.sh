@@ -10,6 +10,17 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 mkdir -p target
 
+# --- PostgreSQL: server binaries, and a non-root user to run clusters as ---
+PGBIN=${PGCAIRN_TEST_PGBIN:-/usr/lib/postgresql/15/bin}
+if [ ! -x "$PGBIN/initdb" ] || [ ! -x "$PGBIN/pg_amcheck" ]; then
+  echo "test.sh: installing PostgreSQL 15 server binaries"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 postgresql-client-15 >/dev/null
+fi
+export PGCAIRN_TEST_PGBIN="$PGBIN"
+if [ "$(id -u)" = 0 ] && ! id pgcairn-test >/dev/null 2>&1; then
+  useradd --system --user-group --no-create-home --shell /usr/sbin/nologin pgcairn-test
+fi
+
 # --- moto, the S3-compatible server (enforces conditional puts) -------------
 MOTO_VERSION=5.2.5
 VENV=${PGCAIRN_TEST_VENV:-$ROOT/target/test-venv}

@@ -52,6 +52,70 @@ pub enum Command {
     Key(KeyCommand),
     /// Show the repository's format, size and deduplication.
     Info,
+    /// Back up a running PostgreSQL cluster.
+    Backup(BackupArgs),
+    /// List backups.
+    List(ServerArg),
+    /// Show one backup (an id or `latest`).
+    Show(ShowArgs),
+    /// Restore a backup (an id or `latest`) into a directory.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServerArg {
+    /// Server name (a `[server.NAME]` table); may be omitted with one server.
+    #[arg(long, env = "PGCAIRN_SERVER")]
+    pub server: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// Data directory of the cluster.
+    #[arg(long, env = "PGCAIRN_PGDATA")]
+    pub pgdata: Option<std::path::PathBuf>,
+    /// libpq-style connection string, e.g. "host=/var/run/postgresql user=postgres".
+    #[arg(long, env = "PGCAIRN_CONNINFO")]
+    pub conninfo: Option<String>,
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Ask for an immediate checkpoint instead of a spread one.
+    #[arg(long)]
+    pub fast_checkpoint: bool,
+    /// Files read and stored in parallel.
+    #[arg(long, default_value_t = 4)]
+    pub jobs: usize,
+    /// Carry the WAL needed for consistency inside the backup (self-contained).
+    #[arg(long)]
+    pub include_wal: bool,
+    /// Seconds to wait for the backup's WAL to be archived.
+    #[arg(long, default_value_t = 600)]
+    pub wal_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// Backup id, or `latest`.
+    pub id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// Backup id, or `latest`.
+    pub id: String,
+    /// Directory to restore into (new or empty).
+    pub target: std::path::PathBuf,
+    #[arg(long, default_value_t = 4)]
+    pub jobs: usize,
+    /// Relocate a tablespace: OLD_DIRECTORY=NEW_DIRECTORY (repeatable).
+    #[arg(long = "tablespace-map", value_name = "OLD=NEW")]
+    pub tablespace_map: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -7,6 +7,8 @@
 
 pub mod cli;
 pub mod commands;
+pub mod engine;
 pub mod passphrase;
+pub mod pg;
 pub mod repo;
 pub mod settings;

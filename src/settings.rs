@@ -13,7 +13,15 @@ pub struct Settings {
     #[serde(default)]
     pub repository: RepositorySettings,
     #[serde(default)]
-    pub server: std::collections::BTreeMap<String, toml::Table>,
+    pub server: std::collections::BTreeMap<String, ServerSettings>,
+}
+
+/// `[server.NAME]`: one PostgreSQL cluster.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub pgdata: Option<PathBuf>,
+    pub conninfo: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -1,9 +1,14 @@
 //! One file per CLI command, each a short script over the library. This is
 //! the only layer that prints.
 
+pub mod backup;
 pub mod info;
 pub mod init;
 pub mod key;
+pub mod list;
+pub mod progress;
+pub mod restore;
+pub mod show;
 
 use anyhow::{Context, Result};
 
@@ -56,6 +61,65 @@ impl Ctx {
         }
     }
 
+    /// The server a command is about: the flag, or the only configured one.
+    pub fn server_name(&self, arg: &crate::cli::ServerArg) -> Result<String> {
+        let name = match (&arg.server, self.settings.server.len()) {
+            (Some(s), _) => s.clone(),
+            (None, 1) => self
+                .settings
+                .server
+                .keys()
+                .next()
+                .cloned()
+                .unwrap_or_default(),
+            (None, 0) => {
+                anyhow::bail!("no server: pass --server NAME (or configure a [server.NAME] table)")
+            }
+            (None, _) => anyhow::bail!(
+                "several servers are configured ({}); pass --server NAME",
+                self.settings
+                    .server
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        crate::engine::catalog::validate_server(&name).map_err(anyhow::Error::msg)?;
+        Ok(name)
+    }
+
+    pub fn server_settings(&self, name: &str) -> crate::settings::ServerSettings {
+        self.settings.server.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Resolve `latest` or an id to a backup manifest name.
+    pub async fn resolve_backup(
+        &self,
+        repo: &Repository,
+        server: &str,
+        id: &str,
+    ) -> Result<String> {
+        if id == "latest" {
+            let all = crate::engine::catalog::list_backups(repo, Some(server)).await?;
+            return all
+                .last()
+                .map(|b| b.name.clone())
+                .with_context(|| format!("server {server} has no backups in {}", repo.location()));
+        }
+        let name = crate::engine::catalog::backup_name(server, id);
+        let names = repo
+            .list_manifests(&crate::engine::catalog::backups_prefix(server))
+            .await?;
+        if !names.contains(&name) {
+            anyhow::bail!(
+                "no backup {id} of server {server} in {} (see `pgcairn list`)",
+                repo.location()
+            );
+        }
+        Ok(name)
+    }
+
     pub async fn open(&self) -> Result<Repository> {
         let url = self.repo_url()?;
         let src = self.passphrase.clone();
@@ -70,6 +134,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Init(a) => init::run(&ctx, a).await,
         Command::Key(k) => key::run(&ctx, k).await,
         Command::Info => info::run(&ctx).await,
+        Command::Backup(a) => backup::run(&ctx, a).await,
+        Command::List(a) => list::run(&ctx, a).await,
+        Command::Show(a) => show::run(&ctx, a).await,
+        Command::Restore(a) => restore::run(&ctx, a).await,
     }
 }
 

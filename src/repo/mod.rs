@@ -369,6 +369,11 @@ impl Repository {
         Ok(doc)
     }
 
+    /// A manifest's application payload, without reading its entry list.
+    pub async fn manifest_meta(&self, name: &str) -> Result<ciborium::Value> {
+        Ok(self.read_manifest_doc(name).await?.meta)
+    }
+
     /// Read a manifest and its entry list.
     pub async fn read_manifest(&self, name: &str) -> Result<Manifest> {
         let doc = self.read_manifest_doc(name).await?;

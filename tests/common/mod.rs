@@ -2,6 +2,8 @@
 //! filesystem and on the S3-compatible server that scripts/test.sh starts.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::path::PathBuf;
 
 use pgcairn::repo::crypto::KdfParams;

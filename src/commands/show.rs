@@ -1,0 +1,100 @@
+//! `pgcairn show ID|latest`: everything a backup records.
+
+use anyhow::Result;
+
+use super::{human_bytes, Ctx};
+use crate::cli::{Format, ShowArgs};
+use crate::engine::catalog::{from_value, BackupMeta};
+use crate::engine::utc_stamp;
+
+pub async fn run(ctx: &Ctx, a: ShowArgs) -> Result<()> {
+    let server = ctx.server_name(&a.server)?;
+    let repo = ctx.open().await?;
+    let name = ctx.resolve_backup(&repo, &server, &a.id).await?;
+    let meta: BackupMeta = from_value(&repo.manifest_meta(&name).await?, &name)?;
+    let info = repo.info().await?;
+    let dedup = if meta.new_bytes_stored == 0 {
+        f64::INFINITY
+    } else {
+        meta.logical_bytes as f64 / meta.new_bytes_stored as f64
+    };
+    let throughput = meta.logical_bytes as f64 / 1e6 / meta.duration_secs.max(0.001);
+    if ctx.global.format == Format::Json {
+        let mut v = serde_json::to_value(&meta)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("manifest".into(), name.clone().into());
+            o.insert("throughput_mb_s".into(), throughput.into());
+            o.insert(
+                "dedup_ratio".into(),
+                if dedup.is_finite() {
+                    dedup.into()
+                } else {
+                    serde_json::Value::Null
+                },
+            );
+            o.insert("repository_dedup_ratio".into(), info.dedup_ratio.into());
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "backup           {} (server {})",
+        meta.backup_id, meta.server
+    );
+    println!("label            {}", meta.label);
+    println!(
+        "started / ended  {} / {}",
+        utc_stamp(meta.start_time),
+        utc_stamp(meta.stop_time)
+    );
+    println!(
+        "LSN              {} .. {} (timeline {})",
+        meta.start_lsn, meta.stop_lsn, meta.timeline
+    );
+    println!("WAL              {} .. {}", meta.start_wal, meta.stop_wal);
+    println!(
+        "PostgreSQL       {} ({}), system identifier {}",
+        meta.pg_version, meta.pg_version_num, meta.system_identifier
+    );
+    println!(
+        "cluster          block size {}, WAL segment {}, data checksums {}",
+        meta.block_size,
+        human_bytes(meta.wal_segment_size),
+        if meta.data_checksums { "on" } else { "off" }
+    );
+    for t in &meta.tablespaces {
+        println!(
+            "tablespace       {} (oid {}) at {}",
+            t.name, t.oid, t.location
+        );
+    }
+    println!(
+        "files            {}, {}",
+        meta.files,
+        human_bytes(meta.logical_bytes)
+    );
+    println!(
+        "stored           {} new ({} before compression), {} reused; this backup's dedup {:.1}x, repository {:.2}x",
+        human_bytes(meta.new_bytes_stored),
+        human_bytes(meta.new_bytes_raw),
+        human_bytes(meta.reused_bytes),
+        dedup,
+        info.dedup_ratio
+    );
+    println!(
+        "duration         {:.1}s ({:.0} MB/s)",
+        meta.duration_secs, throughput
+    );
+    if !meta.included_wal.is_empty() {
+        println!("WAL included     {} file(s)", meta.included_wal.len());
+    }
+    println!("bad pages        {}", meta.bad_pages.len());
+    for b in &meta.bad_pages {
+        println!(
+            "  {} block {}: stored {:#06x}, computed {:#06x}",
+            b.path, b.block, b.stored, b.computed
+        );
+    }
+    println!("backup_label:\n{}", meta.backup_label.trim_end());
+    Ok(())
+}

@@ -1,0 +1,473 @@
+//! `backup`: copy a running cluster into the repository with PostgreSQL's
+//! non-exclusive low-level API, verifying page checksums as it reads.
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+
+use super::catalog::{
+    backup_name, server_record, to_value, wal_name, BackupMeta, BadPage, FileAttrs, ServerRecord,
+    TablespaceMeta,
+};
+use super::{utc_stamp, EngineError, Progress, Result};
+use crate::pg::checksum::{check_page, PageState};
+use crate::pg::conn::Session;
+use crate::pg::control;
+use crate::pg::datadir::{self, Item, Kind};
+use crate::pg::wal::{segment_name, segno_of};
+use crate::repo::format::now_unix;
+use crate::repo::store::{entry, manifest};
+use crate::repo::{Entry, RepoError, Repository, WriteStats};
+
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub server: String,
+    pub pgdata: PathBuf,
+    pub conninfo: String,
+    pub label: Option<String>,
+    pub fast_checkpoint: bool,
+    pub jobs: usize,
+    /// Carry the WAL the backup needs inside it (self-contained).
+    pub include_wal: bool,
+    /// How long to wait for the backup's WAL to reach the archive.
+    pub wal_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupSummary {
+    pub name: String,
+    pub meta: BackupMeta,
+    pub stats: WriteStats,
+}
+
+/// Reads a file as it is, verifying the checksum of every whole page of a
+/// relation file on the way (pgBackRest's rule: a mismatching page is read
+/// again, and reported only if it reads back unchanged; all-zero pages are
+/// fine). The bytes passed on are always exactly the bytes read.
+struct VerifyingReader {
+    file: std::fs::File,
+    rel: String,
+    offset: u64,
+    /// (block size, first absolute block number of this segment file)
+    verify: Option<(usize, u64)>,
+    page: Vec<u8>,
+    bad: Arc<Mutex<Vec<BadPage>>>,
+    progress: Arc<dyn Progress>,
+}
+
+impl VerifyingReader {
+    fn check_pending_page(&mut self) {
+        let Some((bs, first_block)) = self.verify else {
+            return;
+        };
+        if self.page.len() < bs {
+            return;
+        }
+        let page_offset = self.offset - bs as u64;
+        let blkno = first_block + page_offset / bs as u64;
+        if let PageState::Mismatch { stored, computed } = check_page(&self.page, blkno as u32) {
+            let mut again = vec![0u8; bs];
+            let unchanged =
+                self.file.read_exact_at(&mut again, page_offset).is_ok() && again == self.page;
+            if unchanged {
+                let mut bad = self.bad.lock().unwrap_or_else(|p| p.into_inner());
+                bad.push(BadPage {
+                    path: self.rel.clone(),
+                    block: blkno,
+                    stored,
+                    computed,
+                });
+            }
+        }
+        self.page.clear();
+    }
+}
+
+impl Read for VerifyingReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read(buf)?;
+        if let Some((bs, _)) = self.verify {
+            let mut rest = &buf[..n];
+            while !rest.is_empty() {
+                let take = (bs - self.page.len()).min(rest.len());
+                self.page.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                self.offset += take as u64;
+                self.check_pending_page();
+            }
+        } else {
+            self.offset += n as u64;
+        }
+        self.progress.advance(n as u64);
+        Ok(n)
+    }
+}
+
+fn attrs(it: &Item) -> Result<ciborium::Value> {
+    let (kind, target) = match &it.kind {
+        Kind::File => ("file", None),
+        Kind::Dir => ("dir", None),
+        Kind::TablespaceLink(t) => ("tablespace", Some(t.to_string_lossy().to_string())),
+    };
+    Ok(to_value(&FileAttrs {
+        kind: kind.into(),
+        mode: it.mode,
+        mtime: it.mtime,
+        target,
+    })?)
+}
+
+fn empty_entry(path: &str, a: ciborium::Value) -> Entry {
+    Entry {
+        path: path.to_string(),
+        size: 0,
+        hash: crate::repo::format::ChunkId(*blake3::hash(b"").as_bytes()),
+        chunks: Vec::new(),
+        attrs: a,
+    }
+}
+
+/// Register `server` as this cluster, or check that it is.
+async fn check_server(repo: &Repository, server: &str, sysid: u64) -> Result<()> {
+    let name = server_record(server);
+    match repo.manifest_meta(&name).await {
+        Ok(v) => {
+            let rec: ServerRecord = super::catalog::from_value(&v, &name)?;
+            if rec.system_identifier != sysid {
+                return Err(EngineError::Refused(format!(
+                    "server {server:?} in this repository is the cluster with system identifier {}, \
+                     but the cluster being backed up has {sysid}; use another server name for a different cluster",
+                    rec.system_identifier
+                )));
+            }
+            Ok(())
+        }
+        Err(RepoError::NotFound { .. }) => {
+            let w = repo.writer("register server").await?;
+            let rec = ServerRecord {
+                server: server.into(),
+                system_identifier: sysid,
+                registered: now_unix(),
+            };
+            let r = w.commit(&manifest(name, to_value(&rec)?, Vec::new())).await;
+            w.finish().await?;
+            match r {
+                // Another backup registered it at the same moment: check it.
+                Err(RepoError::Conflict { .. }) => {
+                    Box::pin(check_server(repo, server, sysid)).await
+                }
+                other => Ok(other?),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Read pg_control until its CRC validates (the server may be writing it).
+fn read_pg_control(pgdata: &Path) -> Result<Vec<u8>> {
+    let path = pgdata.join("global/pg_control");
+    let mut last_invalid: Option<Vec<u8>> = None;
+    for _ in 0..20 {
+        let b = std::fs::read(&path)
+            .map_err(|e| EngineError::io(format!("reading {}", path.display()), e))?;
+        if control::parse(&b).is_some() {
+            return Ok(b);
+        }
+        if last_invalid.as_ref() == Some(&b) {
+            return Err(EngineError::Refused(format!(
+                "{} fails its CRC check twice with identical contents: the control file is damaged",
+                path.display()
+            )));
+        }
+        last_invalid = Some(b);
+    }
+    Err(EngineError::Refused(format!(
+        "{} never read back with a valid CRC",
+        path.display()
+    )))
+}
+
+pub async fn run(
+    repo: &Repository,
+    opts: &BackupOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<BackupSummary> {
+    let started = Instant::now();
+    let start_time = now_unix();
+    let session = Session::connect(&opts.conninfo).await?;
+    let info = session.server_info().await?;
+    if info.in_recovery {
+        return Err(EngineError::Refused(
+            "the server is a standby (in recovery); back up the primary (standby backups are not supported yet)".into(),
+        ));
+    }
+    if !same_dir(Path::new(&info.data_directory), &opts.pgdata) {
+        return Err(EngineError::Refused(format!(
+            "--pgdata {} is not the data directory of the server behind the connection ({}); fix --pgdata or --conninfo",
+            opts.pgdata.display(),
+            info.data_directory
+        )));
+    }
+    let ctl = control::parse(&read_pg_control(&opts.pgdata)?)
+        .ok_or_else(|| EngineError::Refused("pg_control is invalid".into()))?;
+    if ctl.system_identifier != info.system_identifier {
+        return Err(EngineError::Refused(format!(
+            "{} belongs to cluster {}, the server is cluster {}",
+            opts.pgdata.display(),
+            ctl.system_identifier,
+            info.system_identifier
+        )));
+    }
+    check_server(repo, &opts.server, info.system_identifier).await?;
+    let tablespaces = session.tablespaces().await?;
+    let seg_size = info.wal_segment_size;
+    if opts.include_wal {
+        session
+            .create_temp_slot(&format!("pgcairn_{}", std::process::id()))
+            .await?;
+    }
+    let backup_id = utc_stamp(start_time);
+    let label = opts
+        .label
+        .clone()
+        .unwrap_or_else(|| format!("pgcairn {}", backup_id));
+    let writer = repo
+        .writer(&format!("backup {}/{}", opts.server, backup_id))
+        .await?;
+    let start_lsn = session.backup_start(&label, opts.fast_checkpoint).await?;
+
+    // Copy the data directory, pg_control last.
+    let items = datadir::walk(&opts.pgdata)?;
+    let total: u64 = items.iter().map(|i| i.size).sum();
+    progress.phase("copying files", total);
+    let bad = Arc::new(Mutex::new(Vec::new()));
+    let blocks_per_seg = (1u64 << 30) / info.block_size as u64;
+    let mut entries: Vec<Entry> = Vec::with_capacity(items.len());
+    let mut files: Vec<&Item> = Vec::new();
+    for it in &items {
+        match it.kind {
+            Kind::File if it.rel != "global/pg_control" => files.push(it),
+            Kind::File => {}
+            _ => entries.push(empty_entry(&it.rel, attrs(it)?)),
+        }
+    }
+    let stored: Vec<Option<Entry>> = futures::stream::iter(files.into_iter().map(|it| {
+        let writer = &writer;
+        let bad = bad.clone();
+        let progress = progress.clone();
+        let checksums = info.data_checksums;
+        let bs = info.block_size as usize;
+        async move {
+            let file = match std::fs::File::open(&it.abs) {
+                Ok(f) => f,
+                // Vanished after listing (a dropped table): skip it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(EngineError::io(format!("opening {}", it.abs.display()), e)),
+            };
+            let verify = match (checksums, it.relation_segment) {
+                (true, Some(seg)) => Some((bs, seg as u64 * blocks_per_seg)),
+                _ => None,
+            };
+            let reader = VerifyingReader {
+                file,
+                rel: it.rel.clone(),
+                offset: 0,
+                verify,
+                page: Vec::with_capacity(bs),
+                bad,
+                progress,
+            };
+            let s = writer.store_reader(reader).await?;
+            Ok::<_, EngineError>(Some(entry(it.rel.clone(), s, attrs(it)?)))
+        }
+    }))
+    .buffer_unordered(opts.jobs.max(1))
+    .try_collect()
+    .await?;
+    entries.extend(stored.into_iter().flatten());
+    let ctl_bytes = read_pg_control(&opts.pgdata)?;
+    let ctl_now = control::parse(&ctl_bytes)
+        .ok_or_else(|| EngineError::Refused("pg_control is invalid".into()))?;
+    let ctl_item = items
+        .iter()
+        .find(|i| i.rel == "global/pg_control")
+        .ok_or_else(|| {
+            EngineError::Refused("the data directory has no global/pg_control".into())
+        })?;
+    let s = writer.store_bytes(ctl_bytes).await?;
+    entries.push(entry("global/pg_control", s, attrs(ctl_item)?));
+
+    if session.is_broken() {
+        return Err(EngineError::Refused(
+            "the backup session to PostgreSQL broke; the backup is void".into(),
+        ));
+    }
+    let stop = session.backup_stop().await?;
+    if ctl_now.checkpoint < start_lsn {
+        return Err(EngineError::Refused(format!(
+            "pg_control's checkpoint {} is before the backup's start {start_lsn}: the copy is not usable",
+            ctl_now.checkpoint
+        )));
+    }
+    let timeline = info.timeline;
+    let start_wal = segment_name(timeline, segno_of(start_lsn, seg_size), seg_size);
+    let stop_wal = session.walfile_name(stop.lsn).await?;
+
+    // The WAL that makes the copy consistent.
+    let mut included = Vec::new();
+    if opts.include_wal {
+        progress.phase("copying WAL", 0);
+        let first = segno_of(start_lsn, seg_size);
+        let last = crate::pg::wal::WalFile::parse(&stop_wal, seg_size)
+            .map(|w| match w {
+                crate::pg::wal::WalFile::Segment { segno, .. } => segno,
+                _ => first,
+            })
+            .unwrap_or(first);
+        let mut names: Vec<String> = (first..=last)
+            .map(|s| segment_name(timeline, s, seg_size))
+            .collect();
+        for ent in std::fs::read_dir(opts.pgdata.join("pg_wal"))
+            .map_err(|e| EngineError::io("listing pg_wal", e))?
+        {
+            let ent = ent.map_err(|e| EngineError::io("listing pg_wal", e))?;
+            let n = ent.file_name().to_string_lossy().to_string();
+            if n.ends_with(".history") {
+                names.push(n);
+            }
+        }
+        for n in names {
+            let path = opts.pgdata.join("pg_wal").join(&n);
+            let f = std::fs::File::open(&path)
+                .map_err(|e| EngineError::io(format!("reading WAL {}", path.display()), e))?;
+            let m = f
+                .metadata()
+                .map_err(|e| EngineError::io(format!("stat {}", path.display()), e))?;
+            use std::os::unix::fs::MetadataExt;
+            let s = writer.store_reader(f).await?;
+            let a = to_value(&FileAttrs {
+                kind: "file".into(),
+                mode: m.mode() & 0o7777,
+                mtime: m.mtime(),
+                target: None,
+            })?;
+            entries.push(entry(format!("pg_wal/{n}"), s, a));
+            included.push(n);
+        }
+    } else {
+        wait_for_archive(
+            repo,
+            &opts.server,
+            timeline,
+            &start_wal,
+            &stop_wal,
+            seg_size,
+            opts.wal_timeout,
+        )
+        .await?;
+    }
+    drop(session);
+
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    let st = writer.stats();
+    let bad_pages = bad.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let meta = BackupMeta {
+        server: opts.server.clone(),
+        backup_id: backup_id.clone(),
+        label,
+        start_time,
+        stop_time: now_unix(),
+        start_lsn: start_lsn.to_string(),
+        stop_lsn: stop.lsn.to_string(),
+        start_wal,
+        stop_wal,
+        timeline,
+        pg_version: info.version.clone(),
+        pg_version_num: info.version_num,
+        system_identifier: info.system_identifier,
+        wal_segment_size: seg_size,
+        block_size: info.block_size,
+        data_checksums: info.data_checksums,
+        backup_label: stop.backup_label,
+        tablespace_map: stop.tablespace_map,
+        tablespaces: tablespaces
+            .into_iter()
+            .map(|t| TablespaceMeta {
+                oid: t.oid,
+                name: t.name,
+                location: t.location,
+            })
+            .collect(),
+        bad_pages,
+        files: entries.len() as u64,
+        logical_bytes: entries.iter().map(|e| e.size).sum(),
+        new_bytes_stored: st.bytes_new_stored,
+        new_bytes_raw: st.bytes_new_raw,
+        reused_bytes: st.bytes_reused,
+        duration_secs: started.elapsed().as_secs_f64(),
+        included_wal: included,
+    };
+    let name = backup_name(&opts.server, &backup_id);
+    progress.phase("committing", 0);
+    writer
+        .commit(&manifest(name.clone(), to_value(&meta)?, entries))
+        .await?;
+    let stats = writer.finish().await?;
+    Ok(BackupSummary { name, meta, stats })
+}
+
+/// Wait until every WAL segment from `start` to `stop` is in the archive.
+async fn wait_for_archive(
+    repo: &Repository,
+    server: &str,
+    timeline: u32,
+    start: &str,
+    stop: &str,
+    seg_size: u64,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let first = crate::pg::wal::WalFile::parse(start, seg_size);
+    let last = crate::pg::wal::WalFile::parse(stop, seg_size);
+    let (
+        Some(crate::pg::wal::WalFile::Segment { segno: a, .. }),
+        Some(crate::pg::wal::WalFile::Segment { segno: b, .. }),
+    ) = (first, last)
+    else {
+        return Err(EngineError::Refused(format!(
+            "unexpected WAL range {start}..{stop}"
+        )));
+    };
+    let prefix = wal_name(server, timeline, "");
+    loop {
+        let have: std::collections::HashSet<String> =
+            repo.list_manifests(&prefix).await?.into_iter().collect();
+        let missing: Vec<String> = (a..=b)
+            .map(|s| segment_name(timeline, s, seg_size))
+            .filter(|n| !have.contains(&wal_name(server, timeline, n)))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(EngineError::Refused(format!(
+                "the backup's WAL did not reach the repository within {}s (missing {}); check archive_command \
+                 (it must call `pgcairn archive-push %p`) and the server log, or back up with --include-wal",
+                timeout.as_secs(),
+                missing.join(", ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,219 @@
+//! `restore`: write a backup into a directory on which PostgreSQL starts.
+//! Files go to temporary names, are fsync'd and renamed into place;
+//! pg_control is written last, so an aborted restore cannot start.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::{StreamExt, TryStreamExt};
+
+use super::catalog::{attrs_of, from_value, BackupMeta};
+use super::{EngineError, Progress, Result};
+use crate::repo::{Entry, Repository};
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    pub target: PathBuf,
+    pub jobs: usize,
+    /// OLD=NEW tablespace relocations.
+    pub tablespace_map: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreSummary {
+    pub meta: BackupMeta,
+    pub files: u64,
+    pub bytes: u64,
+    pub duration: Duration,
+}
+
+fn io(ctx: String) -> impl FnOnce(std::io::Error) -> EngineError {
+    move |e| EngineError::io(ctx, e)
+}
+
+fn fsync_dir(p: &Path) -> Result<()> {
+    std::fs::File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(io(format!("fsync {}", p.display())))
+}
+
+fn is_empty_dir(p: &Path) -> Result<bool> {
+    Ok(std::fs::read_dir(p)
+        .map_err(io(format!("listing {}", p.display())))?
+        .next()
+        .is_none())
+}
+
+/// Write one file: temporary name, content, fsync, mode, mtime, rename.
+async fn write_file(
+    repo: &Repository,
+    e: &Entry,
+    path: &Path,
+    mode: u32,
+    mtime: i64,
+) -> Result<()> {
+    let tmp = path.with_file_name(format!(
+        ".{}.pgcairn-tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default()
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+    {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
+        repo.restore_entry(e, &mut w).await?;
+        w.flush()
+            .map_err(io(format!("writing {}", tmp.display())))?;
+    }
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io(format!("chmod {}", tmp.display())))?;
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(mtime.max(0) as u64);
+    f.set_modified(t)
+        .map_err(io(format!("setting mtime of {}", tmp.display())))?;
+    f.sync_all()
+        .map_err(io(format!("fsync {}", tmp.display())))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io(format!("renaming into {}", path.display())))?;
+    Ok(())
+}
+
+pub async fn run(
+    repo: &Repository,
+    name: &str,
+    opts: &RestoreOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<RestoreSummary> {
+    let started = Instant::now();
+    let m = repo.read_manifest(name).await?;
+    let meta: BackupMeta = from_value(&m.meta, name)?;
+    let target = &opts.target;
+    if target.exists() {
+        if target.join("postmaster.pid").exists() {
+            return Err(EngineError::Refused(format!(
+                "{} has a postmaster.pid: a PostgreSQL server may be running there; stop it or choose another directory",
+                target.display()
+            )));
+        }
+        if !is_empty_dir(target)? {
+            return Err(EngineError::Refused(format!(
+                "{} is not empty; restore into an empty or new directory",
+                target.display()
+            )));
+        }
+    } else {
+        std::fs::create_dir_all(target).map_err(io(format!("creating {}", target.display())))?;
+    }
+    std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700))
+        .map_err(io(format!("chmod {}", target.display())))?;
+    let relocate: HashMap<&str, &str> = opts
+        .tablespace_map
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+
+    // Directories and tablespace links first (entries are sorted by path,
+    // so parents come before children).
+    let mut dirs = vec![target.clone()];
+    let mut map_lines = Vec::new();
+    let mut files = Vec::new();
+    for e in &m.entries {
+        let a = attrs_of(e)?;
+        let path = target.join(&e.path);
+        match a.kind.as_str() {
+            "dir" => {
+                std::fs::create_dir_all(&path)
+                    .map_err(io(format!("creating {}", path.display())))?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(a.mode))
+                    .map_err(io(format!("chmod {}", path.display())))?;
+                dirs.push(path);
+            }
+            "tablespace" => {
+                let orig = a.target.clone().unwrap_or_default();
+                let loc = relocate
+                    .get(orig.as_str())
+                    .map(|s| s.to_string())
+                    .unwrap_or(orig.clone());
+                let locp = PathBuf::from(&loc);
+                if locp.exists() && !is_empty_dir(&locp)? {
+                    return Err(EngineError::Refused(format!(
+                        "tablespace directory {loc} is not empty; relocate it with --tablespace-map {orig}=NEW_DIRECTORY"
+                    )));
+                }
+                std::fs::create_dir_all(&locp).map_err(io(format!("creating tablespace {loc}")))?;
+                std::fs::set_permissions(&locp, std::fs::Permissions::from_mode(0o700))
+                    .map_err(io(format!("chmod {loc}")))?;
+                std::os::unix::fs::symlink(&locp, &path)
+                    .map_err(io(format!("linking {}", path.display())))?;
+                let oid = e.path.rsplit('/').next().unwrap_or_default();
+                map_lines.push(format!("{oid} {loc}\n"));
+                dirs.push(locp);
+            }
+            "file" => files.push((e, path, a.mode, a.mtime)),
+            other => {
+                return Err(EngineError::Refused(format!(
+                    "{}: unknown entry kind {other:?}",
+                    e.path
+                )));
+            }
+        }
+    }
+    let (control, others): (Vec<_>, Vec<_>) = files
+        .into_iter()
+        .partition(|f| f.0.path == "global/pg_control");
+    let total: u64 = others.iter().map(|f| f.0.size).sum();
+    progress.phase("restoring files", total);
+    let bytes: Vec<u64> = futures::stream::iter(others.iter().map(|(e, path, mode, mtime)| {
+        let progress = progress.clone();
+        async move {
+            write_file(repo, e, path, *mode, *mtime).await?;
+            progress.advance(e.size);
+            Ok::<u64, EngineError>(e.size)
+        }
+    }))
+    .buffer_unordered(opts.jobs.max(1))
+    .try_collect()
+    .await?;
+
+    // backup_label and tablespace_map tell PostgreSQL where recovery starts
+    // and where the (possibly relocated) tablespaces are.
+    write_small(&target.join("backup_label"), meta.backup_label.as_bytes())?;
+    if !map_lines.is_empty() {
+        write_small(
+            &target.join("tablespace_map"),
+            map_lines.concat().as_bytes(),
+        )?;
+    }
+    for d in &dirs {
+        fsync_dir(d)?;
+    }
+    // pg_control last: until it is there, the directory cannot start.
+    let Some((ce, cpath, cmode, cmtime)) = control.into_iter().next() else {
+        return Err(EngineError::Refused(format!(
+            "backup {name} has no global/pg_control"
+        )));
+    };
+    write_file(repo, ce, &cpath, cmode, cmtime).await?;
+    if let Some(parent) = cpath.parent() {
+        fsync_dir(parent)?;
+    }
+    Ok(RestoreSummary {
+        files: bytes.len() as u64 + 1,
+        bytes: bytes.iter().sum::<u64>() + ce.size,
+        meta,
+        duration: started.elapsed(),
+    })
+}
+
+fn write_small(path: &Path, data: &[u8]) -> Result<()> {
+    let mut f = std::fs::File::create(path).map_err(io(format!("creating {}", path.display())))?;
+    f.write_all(data)
+        .map_err(io(format!("writing {}", path.display())))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io(format!("chmod {}", path.display())))?;
+    f.sync_all()
+        .map_err(io(format!("fsync {}", path.display())))
+}

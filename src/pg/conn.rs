@@ -1,0 +1,264 @@
+//! The backup session: one dedicated connection for the whole backup (no
+//! pool, no reconnect: the non-exclusive backup API ties the backup to this
+//! session, so a broken session must fail the backup), `search_path` pinned,
+//! statement and idle timeouts off, TCP keepalives on.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio_postgres::{Client, Config, NoTls};
+
+use super::wal::Lsn;
+use super::{PgError, Result};
+
+pub struct Session {
+    client: Client,
+    conn: tokio::task::JoinHandle<std::result::Result<(), tokio_postgres::Error>>,
+    pub version_num: i32,
+}
+
+/// Facts about the server a backup records and checks.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    pub version_num: i32,
+    pub version: String,
+    pub system_identifier: u64,
+    pub data_directory: String,
+    pub wal_segment_size: u64,
+    pub block_size: u32,
+    pub data_checksums: bool,
+    pub in_recovery: bool,
+    pub archive_mode: String,
+    pub archive_command: String,
+    pub timeline: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tablespace {
+    pub oid: u32,
+    pub name: String,
+    pub location: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupStop {
+    pub lsn: Lsn,
+    pub backup_label: String,
+    pub tablespace_map: Option<String>,
+}
+
+fn q(what: &str) -> impl FnOnce(tokio_postgres::Error) -> PgError + '_ {
+    move |source| PgError::Query {
+        what: what.to_string(),
+        source,
+    }
+}
+
+impl Session {
+    pub async fn connect(conninfo: &str) -> Result<Session> {
+        let mut cfg = Config::from_str(conninfo).map_err(|source| PgError::Connect {
+            conninfo: conninfo.into(),
+            source,
+        })?;
+        cfg.keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .application_name("pgcairn");
+        let (client, connection) = cfg
+            .connect(NoTls)
+            .await
+            .map_err(|source| PgError::Connect {
+                conninfo: conninfo.into(),
+                source,
+            })?;
+        let conn = tokio::spawn(connection);
+        client
+            .batch_execute(
+                "SET search_path = pg_catalog; SET statement_timeout = 0; \
+                 SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0;",
+            )
+            .await
+            .map_err(q("session setup"))?;
+        let row = client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(q("server version"))?;
+        let version_num: i32 = row.get(0);
+        if version_num >= 140000 {
+            client
+                .batch_execute("SET idle_session_timeout = 0")
+                .await
+                .map_err(q("session setup"))?;
+        }
+        Ok(Session {
+            client,
+            conn,
+            version_num,
+        })
+    }
+
+    /// Fails once the connection has broken (so a backup cannot carry on
+    /// as if its backup session were alive).
+    pub fn is_broken(&self) -> bool {
+        self.client.is_closed() || self.conn.is_finished()
+    }
+
+    pub async fn server_info(&self) -> Result<ServerInfo> {
+        let c = &self.client;
+        let row = c
+            .query_one(
+                "SELECT current_setting('server_version'), \
+                        (SELECT system_identifier::text FROM pg_control_system()), \
+                        current_setting('data_directory'), \
+                        current_setting('wal_segment_size'), \
+                        current_setting('block_size')::int, \
+                        current_setting('data_checksums') = 'on', \
+                        pg_is_in_recovery(), \
+                        current_setting('archive_mode'), \
+                        current_setting('archive_command'), \
+                        (SELECT timeline_id FROM pg_control_checkpoint())",
+                &[],
+            )
+            .await
+            .map_err(q("server facts"))?;
+        let sysid: String = row.get(1);
+        let seg: String = row.get(3);
+        Ok(ServerInfo {
+            version_num: self.version_num,
+            version: row.get(0),
+            system_identifier: sysid
+                .parse()
+                .map_err(|_| PgError::Refused(format!("bad system identifier {sysid:?}")))?,
+            data_directory: row.get(2),
+            wal_segment_size: parse_size(&seg)
+                .ok_or_else(|| PgError::Refused(format!("bad wal_segment_size {seg:?}")))?,
+            block_size: row.get::<_, i32>(4) as u32,
+            data_checksums: row.get(5),
+            in_recovery: row.get(6),
+            archive_mode: row.get(7),
+            archive_command: row.get(8),
+            timeline: row.get::<_, i32>(9) as u32,
+        })
+    }
+
+    pub async fn tablespaces(&self) -> Result<Vec<Tablespace>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT oid::int8, spcname::text, pg_tablespace_location(oid) FROM pg_tablespace \
+                 WHERE pg_tablespace_location(oid) <> '' ORDER BY oid",
+                &[],
+            )
+            .await
+            .map_err(q("tablespaces"))?;
+        Ok(rows
+            .iter()
+            .map(|r| Tablespace {
+                oid: r.get::<_, i64>(0) as u32,
+                name: r.get(1),
+                location: r.get(2),
+            })
+            .collect())
+    }
+
+    /// A temporary physical slot reserving WAL from now on; it disappears
+    /// with the session.
+    pub async fn create_temp_slot(&self, name: &str) -> Result<()> {
+        self.client
+            .query_one(
+                "SELECT pg_create_physical_replication_slot($1, true, true)",
+                &[&name],
+            )
+            .await
+            .map_err(q("create temporary replication slot"))?;
+        Ok(())
+    }
+
+    /// Start a non-exclusive backup; returns the start LSN.
+    pub async fn backup_start(&self, label: &str, fast: bool) -> Result<Lsn> {
+        let sql = if self.version_num >= 150000 {
+            "SELECT pg_backup_start($1, $2)::text"
+        } else {
+            "SELECT pg_start_backup($1, $2, false)::text"
+        };
+        let row = self
+            .client
+            .query_one(sql, &[&label, &fast])
+            .await
+            .map_err(q("backup start"))?;
+        let s: String = row.get(0);
+        s.parse().map_err(PgError::Refused)
+    }
+
+    /// Stop the backup without waiting for archiving (the backup checks
+    /// the WAL itself).
+    pub async fn backup_stop(&self) -> Result<BackupStop> {
+        let sql = if self.version_num >= 150000 {
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)"
+        } else {
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)"
+        };
+        let row = self
+            .client
+            .query_one(sql, &[])
+            .await
+            .map_err(q("backup stop"))?;
+        let lsn: String = row.get(0);
+        let map: Option<String> = row.get(2);
+        Ok(BackupStop {
+            lsn: lsn.parse().map_err(PgError::Refused)?,
+            backup_label: row.get(1),
+            tablespace_map: map.filter(|m| !m.is_empty()),
+        })
+    }
+
+    /// `pg_walfile_name(lsn)`: the segment holding the byte before `lsn`.
+    pub async fn walfile_name(&self, lsn: Lsn) -> Result<String> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT pg_walfile_name($1::text::pg_lsn)",
+                &[&lsn.to_string()],
+            )
+            .await
+            .map_err(q("pg_walfile_name"))?;
+        Ok(row.get(0))
+    }
+
+    /// Force a WAL switch; returns the switch LSN.
+    pub async fn switch_wal(&self) -> Result<Lsn> {
+        let row = self
+            .client
+            .query_one("SELECT pg_switch_wal()::text", &[])
+            .await
+            .map_err(q("pg_switch_wal"))?;
+        let s: String = row.get(0);
+        s.parse().map_err(PgError::Refused)
+    }
+}
+
+/// `16MB`, `1GB`, `8kB` as PostgreSQL prints sizes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mul = match unit.trim() {
+        "" | "B" => 1,
+        "kB" => 1024,
+        "MB" => 1024 * 1024,
+        "GB" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    Some(n * mul)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("16MB"), Some(16 << 20));
+        assert_eq!(super::parse_size("1GB"), Some(1 << 30));
+        assert_eq!(super::parse_size("8kB"), Some(8192));
+        assert_eq!(super::parse_size("x"), None);
+    }
+}

@@ -1,0 +1,357 @@
+//! The data directory: which files a base backup copies, with the same
+//! exclusions as PostgreSQL's own base backup, and which of them carry page
+//! checksums. Tablespaces are followed through `pg_tblspc/<oid>` links and
+//! recorded under that path.
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::{PgError, Result};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    /// A tablespace link `pg_tblspc/<oid>` and where it points.
+    TablespaceLink(PathBuf),
+}
+
+/// One thing to back up.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// Path relative to the data directory, `/`-separated.
+    pub rel: String,
+    pub abs: PathBuf,
+    pub kind: Kind,
+    pub mode: u32,
+    pub size: u64,
+    pub mtime: i64,
+    /// A relation file whose pages carry checksums: its segment number.
+    pub relation_segment: Option<u32>,
+}
+
+/// Directories whose contents a base backup leaves out (the directory itself
+/// is kept, and recreated empty on restore).
+const EMPTY_DIRS: &[&str] = &[
+    "pg_wal",
+    "pg_dynshmem",
+    "pg_notify",
+    "pg_replslot",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat_tmp",
+    "pg_subtrans",
+];
+
+/// Top-level files a base backup leaves out.
+const EXCLUDED_FILES: &[&str] = &[
+    "postmaster.pid",
+    "postmaster.opts",
+    "backup_label",
+    "tablespace_map",
+    "backup_manifest",
+    "postgresql.auto.conf.tmp",
+    "current_logfiles.tmp",
+];
+
+/// `pg_wal` subdirectories kept (empty).
+const WAL_KEPT_DIRS: &[&str] = &["archive_status", "summaries"];
+
+fn is_temp_name(name: &str) -> bool {
+    name.starts_with("pgsql_tmp")
+}
+
+/// `NNN`, `NNN.N`, `NNN_fsm`, `NNN_vm`, `NNN_init`, with their segment.
+/// Returns (relfilenode, fork, segment).
+pub fn parse_relation_file(name: &str) -> Option<(&str, &str, u32)> {
+    let (base, seg) = match name.split_once('.') {
+        Some((b, s)) => (
+            b,
+            s.parse::<u32>()
+                .ok()
+                .filter(|_| s.bytes().all(|c| c.is_ascii_digit()))?,
+        ),
+        None => (name, 0),
+    };
+    let (node, fork) = match base.split_once('_') {
+        Some((n, f)) if matches!(f, "fsm" | "vm" | "init") => (n, f),
+        Some(_) => return None,
+        None => (base, ""),
+    };
+    if node.is_empty() || !node.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    Some((node, fork, seg))
+}
+
+/// `tNNN_NNN...`: a temporary relation.
+fn is_temp_relation(name: &str) -> bool {
+    name.strip_prefix('t')
+        .and_then(|r| r.split_once('_'))
+        .is_some_and(|(a, b)| {
+            !a.is_empty()
+                && a.bytes().all(|c| c.is_ascii_digit())
+                && b.starts_with(|c: char| c.is_ascii_digit())
+        })
+}
+
+fn meta_item(rel: String, abs: PathBuf, kind: Kind, m: &std::fs::Metadata) -> Item {
+    Item {
+        rel,
+        abs,
+        kind,
+        mode: m.mode() & 0o7777,
+        size: if m.is_file() { m.len() } else { 0 },
+        mtime: m.mtime(),
+        relation_segment: None,
+    }
+}
+
+/// Everything to back up, directories before their contents, sorted.
+pub fn walk(pgdata: &Path) -> Result<Vec<Item>> {
+    let mut out = Vec::new();
+    let meta = std::fs::symlink_metadata(pgdata)
+        .map_err(|e| PgError::io(format!("reading data directory {}", pgdata.display()), e))?;
+    if !meta.is_dir() {
+        return Err(PgError::Invalid {
+            path: pgdata.display().to_string(),
+            reason: "not a directory".into(),
+        });
+    }
+    walk_dir(pgdata, "", 0, &mut out)?;
+    out.sort_by(|a, b| a.rel.cmp(&b.rel));
+    Ok(out)
+}
+
+/// `depth_class`: 0 = the data directory itself; 1 = inside a tablespace
+/// version directory or base/ or global/ (relation-file rules apply).
+fn walk_dir(dir: &Path, rel: &str, depth: usize, out: &mut Vec<Item>) -> Result<()> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(r) => r,
+        // A directory removed after it was listed (a dropped database).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && depth > 0 => return Ok(()),
+        Err(e) => return Err(PgError::io(format!("listing {}", dir.display()), e)),
+    };
+    let mut names = Vec::new();
+    for ent in rd {
+        let ent = ent.map_err(|e| PgError::io(format!("listing {}", dir.display()), e))?;
+        match ent.file_name().into_string() {
+            Ok(n) => names.push(n),
+            Err(n) => {
+                return Err(PgError::Invalid {
+                    path: dir.join(n).display().to_string(),
+                    reason: "file name is not UTF-8".into(),
+                })
+            }
+        }
+    }
+    names.sort();
+    let in_relation_dir = is_relation_dir(rel);
+    // Unlogged relations: a relfilenode with an _init fork is backed up as
+    // its init fork only.
+    let unlogged: HashSet<String> = if in_relation_dir {
+        names
+            .iter()
+            .filter_map(|n| parse_relation_file(n))
+            .filter(|(_, fork, _)| *fork == "init")
+            .map(|(node, _, _)| node.to_string())
+            .collect()
+    } else {
+        HashSet::new()
+    };
+    for name in names {
+        let abs = dir.join(&name);
+        let child = if rel.is_empty() {
+            name.clone()
+        } else {
+            format!("{rel}/{name}")
+        };
+        if is_temp_name(&name) {
+            continue;
+        }
+        if rel.is_empty() && EXCLUDED_FILES.contains(&name.as_str()) {
+            continue;
+        }
+        if name.starts_with("pg_internal.init") {
+            continue;
+        }
+        let m = match std::fs::symlink_metadata(&abs) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // vanished
+            Err(e) => return Err(PgError::io(format!("stat {}", abs.display()), e)),
+        };
+        if in_relation_dir && m.is_file() {
+            if is_temp_relation(&name) {
+                continue;
+            }
+            if let Some((node, fork, seg)) = parse_relation_file(&name) {
+                if fork != "init" && unlogged.contains(node) {
+                    continue;
+                }
+                let mut it = meta_item(child, abs, Kind::File, &m);
+                it.relation_segment = Some(seg);
+                out.push(it);
+                continue;
+            }
+        }
+        if m.file_type().is_symlink() {
+            if rel == "pg_tblspc" {
+                let target = std::fs::read_link(&abs)
+                    .map_err(|e| PgError::io(format!("reading link {}", abs.display()), e))?;
+                let tm = std::fs::metadata(&abs)
+                    .map_err(|e| PgError::io(format!("tablespace {}", abs.display()), e))?;
+                out.push(meta_item(
+                    child.clone(),
+                    abs.clone(),
+                    Kind::TablespaceLink(target),
+                    &tm,
+                ));
+                walk_dir(&abs, &child, depth + 1, out)?;
+            } else if rel.is_empty() && name == "pg_wal" {
+                // pg_wal may be a link elsewhere: keep it as a directory.
+                let tm = std::fs::metadata(&abs)
+                    .map_err(|e| PgError::io(format!("stat {}", abs.display()), e))?;
+                out.push(meta_item(child.clone(), abs.clone(), Kind::Dir, &tm));
+                add_wal_dirs(&abs, &child, out)?;
+            } else {
+                // Other links (e.g. configuration files placed elsewhere) are
+                // copied as what they point to.
+                let tm = match std::fs::metadata(&abs) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(PgError::io(format!("stat {}", abs.display()), e)),
+                };
+                if tm.is_file() {
+                    out.push(meta_item(child, abs, Kind::File, &tm));
+                }
+            }
+            continue;
+        }
+        if m.is_dir() {
+            out.push(meta_item(child.clone(), abs.clone(), Kind::Dir, &m));
+            if rel.is_empty() && name == "pg_wal" {
+                add_wal_dirs(&abs, &child, out)?;
+            } else if rel.is_empty() && EMPTY_DIRS.contains(&name.as_str()) {
+                // contents excluded
+            } else {
+                walk_dir(&abs, &child, depth + 1, out)?;
+            }
+        } else if m.is_file() {
+            out.push(meta_item(child, abs, Kind::File, &m));
+        }
+    }
+    Ok(())
+}
+
+fn add_wal_dirs(wal: &Path, rel: &str, out: &mut Vec<Item>) -> Result<()> {
+    for d in WAL_KEPT_DIRS {
+        let abs = wal.join(d);
+        if let Ok(m) = std::fs::metadata(&abs) {
+            if m.is_dir() {
+                out.push(meta_item(format!("{rel}/{d}"), abs, Kind::Dir, &m));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Directories whose numeric files are relation files: `global`,
+/// `base/<db>`, `pg_tblspc/<oid>/<version>/<db>`.
+fn is_relation_dir(rel: &str) -> bool {
+    let parts: Vec<&str> = rel.split('/').collect();
+    match parts.as_slice() {
+        ["global"] => true,
+        ["base", db] => db.bytes().all(|c| c.is_ascii_digit()),
+        ["pg_tblspc", _, _, db] => db.bytes().all(|c| c.is_ascii_digit()),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relation_names() {
+        assert_eq!(parse_relation_file("16396"), Some(("16396", "", 0)));
+        assert_eq!(parse_relation_file("16396.12"), Some(("16396", "", 12)));
+        assert_eq!(parse_relation_file("16396_fsm"), Some(("16396", "fsm", 0)));
+        assert_eq!(
+            parse_relation_file("16396_init"),
+            Some(("16396", "init", 0))
+        );
+        assert_eq!(parse_relation_file("16396_vm.1"), Some(("16396", "vm", 1)));
+        assert_eq!(parse_relation_file("pg_filenode.map"), None);
+        assert_eq!(parse_relation_file("PG_VERSION"), None);
+        assert_eq!(parse_relation_file("16396_x"), None);
+        assert!(is_temp_relation("t3_16400"));
+        assert!(is_temp_relation("t3_16400_fsm"));
+        assert!(!is_temp_relation("16400"));
+    }
+
+    #[test]
+    fn exclusions_like_pg_basebackup() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        for dir in [
+            "base/5",
+            "base/5/pgsql_tmp",
+            "global",
+            "pg_wal/archive_status",
+            "pg_replslot/slot",
+            "pg_stat_tmp",
+            "pg_xact",
+        ] {
+            std::fs::create_dir_all(p.join(dir)).unwrap();
+        }
+        for f in [
+            "PG_VERSION",
+            "postmaster.pid",
+            "backup_label",
+            "postgresql.conf",
+            "base/5/16384",
+            "base/5/16384.1",
+            "base/5/16390",
+            "base/5/16390_init",
+            "base/5/16390_fsm",
+            "base/5/t3_16400",
+            "base/5/pg_internal.init",
+            "base/5/pgsql_tmp/pgsql_tmp1.0",
+            "global/pg_control",
+            "global/1262",
+            "pg_wal/000000010000000000000001",
+            "pg_replslot/slot/state",
+            "pg_stat_tmp/x",
+            "pg_xact/0000",
+        ] {
+            std::fs::write(p.join(f), b"x").unwrap();
+        }
+        let items = walk(p).unwrap();
+        let rels: Vec<&str> = items.iter().map(|i| i.rel.as_str()).collect();
+        let want = [
+            "PG_VERSION",
+            "base",
+            "base/5",
+            "base/5/16384",
+            "base/5/16384.1",
+            "base/5/16390_init",
+            "global",
+            "global/1262",
+            "global/pg_control",
+            "pg_replslot",
+            "pg_stat_tmp",
+            "pg_wal",
+            "pg_wal/archive_status",
+            "pg_xact",
+            "pg_xact/0000",
+            "postgresql.conf",
+        ];
+        assert_eq!(rels, want);
+        let seg = |r: &str| items.iter().find(|i| i.rel == r).unwrap().relation_segment;
+        assert_eq!(seg("base/5/16384.1"), Some(1));
+        assert_eq!(seg("global/1262"), Some(0));
+        assert_eq!(seg("global/pg_control"), None);
+        assert_eq!(seg("pg_xact/0000"), None);
+    }
+}

@@ -1,0 +1,288 @@
+//! Backup and restore of real PostgreSQL clusters (started by the test).
+
+mod common;
+
+use std::process::Stdio;
+
+use common::pg::*;
+
+const ENTROPY_TABLE: &str = "CREATE TABLE orders (id bigint PRIMARY KEY, customer text, note text, \
+     amount numeric(12,2), created timestamptz) TABLESPACE ts; \
+     INSERT INTO orders SELECT g, md5(g::text), md5((g*7)::text) || md5((g*13)::text), \
+     (random()*10000)::numeric(12,2), now() - (g || ' seconds')::interval FROM generate_series(1, 60000) g;";
+
+fn digest(c: &Cluster) -> String {
+    c.psql("SELECT md5(string_agg(id::text || customer || note || amount::text || created::text, ',' ORDER BY id)) FROM orders")
+}
+
+/// pgbench's invariants hold in every consistent state.
+fn pgbench_consistent(c: &Cluster) {
+    let r = c.psql(
+        "SELECT (SELECT sum(abalance) FROM pgbench_accounts) = (SELECT coalesce(sum(delta),0) FROM pgbench_history) \
+         AND (SELECT sum(tbalance) FROM pgbench_tellers) = (SELECT coalesce(sum(delta),0) FROM pgbench_history) \
+         AND (SELECT sum(bbalance) FROM pgbench_branches) = (SELECT coalesce(sum(delta),0) FROM pgbench_history)",
+    );
+    assert_eq!(r, "t", "pgbench balances disagree with history");
+}
+
+#[test]
+fn backup_under_load_restores_and_starts() {
+    let dir = user_dir();
+    let d = dir.path();
+    let mut src = Cluster::init(d, "src", &[]);
+    src.start();
+    let ts_dir = d.join("ts-src");
+    std::fs::create_dir_all(&ts_dir).unwrap();
+    chown(&ts_dir);
+    src.psql(&format!(
+        "CREATE TABLESPACE ts LOCATION '{}'",
+        ts_dir.display()
+    ));
+    src.psql(ENTROPY_TABLE);
+    run_ok(&mut src.pgbench(&["-i", "-s", "2", "-q"]));
+    src.psql("CREATE UNLOGGED TABLE scratch AS SELECT g FROM generate_series(1,1000) g");
+    let before = digest(&src);
+    let cairn = Cairn::new(d);
+    let conninfo = src.conninfo();
+    let pgdata = src.pgdata.to_string_lossy().to_string();
+
+    // Back up while pgbench writes.
+    let mut load = src
+        .pgbench(&["-c", "2", "-t", "3000", "-n"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = cairn.ok(&[
+        "backup",
+        "--server",
+        "main",
+        "--pgdata",
+        &pgdata,
+        "--conninfo",
+        &conninfo,
+        "--include-wal",
+        "--fast-checkpoint",
+    ]);
+    println!("{out}");
+    assert!(load.wait().unwrap().success());
+    assert!(out.contains("backup "), "{out}");
+
+    let list = cairn.ok(&["list", "--server", "main", "--format", "json"]);
+    let rows: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 1);
+    let shown = cairn.ok(&["show", "--server", "main", "latest", "--format", "json"]);
+    let meta: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(meta["bad_pages"].as_array().unwrap().len(), 0);
+    assert_eq!(meta["tablespaces"].as_array().unwrap().len(), 1);
+    assert!(meta["data_checksums"].as_bool().unwrap());
+    assert!(meta["backup_label"]
+        .as_str()
+        .unwrap()
+        .contains("START WAL LOCATION"));
+
+    // Restore elsewhere, relocating the tablespace, and start it.
+    let target = d.join("restored");
+    let ts_new = d.join("ts-restored");
+    let map = format!("{}={}", ts_dir.display(), ts_new.display());
+    let out = cairn.ok(&[
+        "restore",
+        "--server",
+        "main",
+        "latest",
+        target.to_str().unwrap(),
+        "--tablespace-map",
+        &map,
+    ]);
+    println!("{out}");
+    assert!(!target.join("scratch").exists());
+    let link = std::fs::read_link(
+        target
+            .join("pg_tblspc")
+            .join(meta["tablespaces"][0]["oid"].to_string()),
+    )
+    .unwrap();
+    assert_eq!(link, ts_new);
+    let mut dst = Cluster::existing(&target, d, "dst");
+    dst.start();
+    assert_eq!(
+        digest(&dst),
+        before,
+        "the untouched table must come back byte for byte"
+    );
+    pgbench_consistent(&dst);
+    // Unlogged tables come back empty, as after a crash.
+    assert_eq!(dst.psql("SELECT count(*) FROM scratch"), "0");
+    let n: i64 = dst
+        .psql("SELECT count(*) FROM pgbench_history")
+        .parse()
+        .unwrap();
+    println!("restored pgbench_history rows: {n}");
+    run_ok(
+        as_user(pg_bin().join("pg_amcheck"))
+            .args(["--install-missing", "--heapallindexed", "-h"])
+            .arg(&dst.sockdir)
+            .args(["-p", &dst.port.to_string(), "-U", "postgres", "--all"]),
+    );
+    dst.stop();
+    run_ok(
+        as_user(pg_bin().join("pg_checksums"))
+            .arg("--check")
+            .arg("-D")
+            .arg(&target),
+    );
+
+    // A second backup after a small change stores a small fraction.
+    src.psql("UPDATE orders SET amount = amount + 1 WHERE id % 1000 = 0");
+    let out = cairn.ok(&[
+        "backup",
+        "--server",
+        "main",
+        "--pgdata",
+        &pgdata,
+        "--conninfo",
+        &conninfo,
+        "--include-wal",
+        "--fast-checkpoint",
+    ]);
+    println!("{out}");
+    let list = cairn.ok(&["list", "--server", "main", "--format", "json"]);
+    let rows: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    let logical = rows[1]["logical_bytes"].as_u64().unwrap();
+    let new = rows[1]["new_bytes_stored"].as_u64().unwrap();
+    println!(
+        "second backup: {new} new bytes stored for {logical} logical bytes ({:.2}%)",
+        new as f64 * 100.0 / logical as f64
+    );
+    assert!(
+        new * 10 < logical,
+        "second backup stored {new} of {logical}"
+    );
+}
+
+#[test]
+fn clear_errors_and_nothing_partial() {
+    let dir = user_dir();
+    let d = dir.path();
+    let mut a = Cluster::init(d, "a", &[]);
+    a.start();
+    let mut b = Cluster::init(d, "b", &[]);
+    b.start();
+    let cairn = Cairn::new(d);
+    let pa = a.pgdata.to_string_lossy().to_string();
+    let pb = b.pgdata.to_string_lossy().to_string();
+
+    // Wrong pgdata for the connection.
+    let o = cairn.run(
+        &[
+            "backup",
+            "--server",
+            "a",
+            "--pgdata",
+            &pb,
+            "--conninfo",
+            &a.conninfo(),
+            "--include-wal",
+        ],
+        &[],
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("is not the data directory"),
+        "{}",
+        text(&o)
+    );
+
+    // A good backup of a registers server name "a" as cluster a.
+    cairn.ok(&[
+        "backup",
+        "--server",
+        "a",
+        "--pgdata",
+        &pa,
+        "--conninfo",
+        &a.conninfo(),
+        "--include-wal",
+        "--fast-checkpoint",
+    ]);
+    // Cluster b under the same name is refused.
+    let o = cairn.run(
+        &[
+            "backup",
+            "--server",
+            "a",
+            "--pgdata",
+            &pb,
+            "--conninfo",
+            &b.conninfo(),
+            "--include-wal",
+        ],
+        &[],
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("system identifier"), "{}", text(&o));
+
+    // PostgreSQL down.
+    b.stop();
+    let o = cairn.run(
+        &[
+            "backup",
+            "--server",
+            "b",
+            "--pgdata",
+            &pb,
+            "--conninfo",
+            &b.conninfo(),
+            "--include-wal",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("cannot connect to PostgreSQL"),
+        "{}",
+        text(&o)
+    );
+
+    // A corrupt chunk during restore: a clear error naming the pack, and
+    // no pg_control in the target, so nothing can start from it.
+    let packs = std::fs::read_dir(std::path::Path::new(&cairn.repo).join("packs")).unwrap();
+    let mut biggest = None;
+    for sub in packs {
+        for p in std::fs::read_dir(sub.unwrap().path()).unwrap() {
+            let p = p.unwrap();
+            let len = p.metadata().unwrap().len();
+            if biggest.as_ref().is_none_or(|(_, l)| len > *l) {
+                biggest = Some((p.path(), len));
+            }
+        }
+    }
+    let (pack, _) = biggest.unwrap();
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[1000] ^= 0x55;
+    std::fs::write(&pack, bytes).unwrap();
+    let target = d.join("bad-restore");
+    let o = cairn.run(
+        &[
+            "restore",
+            "--server",
+            "a",
+            "latest",
+            target.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let name = pack.file_name().unwrap().to_string_lossy().to_string();
+    assert!(
+        text(&o).contains(&name),
+        "error must name the pack: {}",
+        text(&o)
+    );
+    assert!(
+        !target.join("global/pg_control").exists(),
+        "a failed restore must not look startable"
+    );
+}
