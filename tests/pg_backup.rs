@@ -286,3 +286,139 @@ fn clear_errors_and_nothing_partial() {
         "a failed restore must not look startable"
     );
 }
+
+/// Page checksums use the absolute block number. A `.1` segment whose pages
+/// carry checksums computed by pgcairn for blocks 131072.. must pass
+/// PostgreSQL's own `pg_checksums`; one damaged page must be the only one it
+/// reports, and the backup must list exactly that block.
+#[test]
+fn checksums_of_a_second_segment_agree_with_pg_checksums() {
+    use pgcairn::pg::checksum::{page_checksum, CHECKSUM_OFFSET};
+    let dir = user_dir();
+    let d = dir.path();
+    let mut c = Cluster::init(d, "ck", &[]);
+    c.start();
+    c.psql("CREATE TABLE t AS SELECT g, md5(g::text) AS h FROM generate_series(1, 20000) g; CHECKPOINT;");
+    let rel = c.psql("SELECT pg_relation_filepath('t')");
+    c.stop();
+    let seg0 = c.pgdata.join(&rel);
+    let pages = std::fs::read(&seg0).unwrap();
+    assert!(pages.len() >= 8 * 8192);
+    let blocks_per_seg = (1u64 << 30) / 8192;
+    let mut seg1 = pages[..8 * 8192].to_vec();
+    for (k, page) in seg1.chunks_exact_mut(8192).enumerate() {
+        let sum = page_checksum(page, (blocks_per_seg + k as u64) as u32);
+        page[CHECKSUM_OFFSET..CHECKSUM_OFFSET + 2].copy_from_slice(&sum.to_le_bytes());
+    }
+    let seg1_path = c.pgdata.join(format!("{rel}.1"));
+    std::fs::write(&seg1_path, &seg1).unwrap();
+    chown(&seg1_path);
+    // PostgreSQL's tool accepts every page pgcairn computed.
+    run_ok(
+        as_user(pg_bin().join("pg_checksums"))
+            .arg("--check")
+            .arg("-D")
+            .arg(&c.pgdata),
+    );
+    // Damage block 3 of the .1 segment (absolute block 131075).
+    seg1[3 * 8192 + 4000] ^= 0x01;
+    std::fs::write(&seg1_path, &seg1).unwrap();
+    let o = as_user(pg_bin().join("pg_checksums"))
+        .arg("--check")
+        .arg("-D")
+        .arg(&c.pgdata)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let report = text(&o);
+    assert!(report.contains(&format!("{rel}.1\", block 3")), "{report}");
+    assert!(report.contains("Bad checksums:  1"), "{report}");
+
+    c.start();
+    let cairn = Cairn::new(d);
+    cairn.ok(&[
+        "backup",
+        "--server",
+        "ck",
+        "--pgdata",
+        c.pgdata.to_str().unwrap(),
+        "--conninfo",
+        &c.conninfo(),
+        "--include-wal",
+        "--fast-checkpoint",
+    ]);
+    let shown = cairn.ok(&["show", "--server", "ck", "latest", "--format", "json"]);
+    let meta: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let bad = meta["bad_pages"].as_array().unwrap();
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(bad[0]["path"], format!("{rel}.1"));
+    assert_eq!(bad[0]["block"], blocks_per_seg + 3);
+}
+
+#[test]
+fn non_default_wal_segment_size_and_standby_refusal() {
+    let dir = user_dir();
+    let d = dir.path();
+    let mut c = Cluster::init(d, "seg64", &["--wal-segsize=64"]);
+    c.append_conf("wal_level = replica\nmax_wal_senders = 4\n");
+    c.start();
+    run_ok(&mut c.pgbench(&["-i", "-s", "1", "-q"]));
+    let cairn = Cairn::new(d);
+    let pgdata = c.pgdata.to_string_lossy().to_string();
+    cairn.ok(&[
+        "backup",
+        "--server",
+        "s",
+        "--pgdata",
+        &pgdata,
+        "--conninfo",
+        &c.conninfo(),
+        "--include-wal",
+        "--fast-checkpoint",
+    ]);
+    let meta: serde_json::Value =
+        serde_json::from_str(&cairn.ok(&["show", "--server", "s", "latest", "--format", "json"]))
+            .unwrap();
+    assert_eq!(meta["wal_segment_size"], 64 * 1024 * 1024);
+    let target = d.join("seg64-restored");
+    cairn.ok(&[
+        "restore",
+        "--server",
+        "s",
+        "latest",
+        target.to_str().unwrap(),
+    ]);
+    let mut r = Cluster::existing(&target, d, "seg64r");
+    r.start();
+    assert_eq!(r.psql("SELECT count(*) FROM pgbench_accounts"), "100000");
+    assert_eq!(r.psql("SHOW wal_segment_size"), "64MB");
+    r.stop();
+
+    // A standby of c: backups of it are refused (for now), clearly.
+    let sb = d.join("standby");
+    run_ok(
+        as_user(pg_bin().join("pg_basebackup"))
+            .arg("-D")
+            .arg(&sb)
+            .args(["-R", "-X", "stream", "-h"])
+            .arg(&c.sockdir)
+            .args(["-p", &c.port.to_string(), "-U", "postgres"]),
+    );
+    let mut s = Cluster::existing(&sb, d, "sb");
+    s.start();
+    let o = cairn.run(
+        &[
+            "backup",
+            "--server",
+            "sb",
+            "--pgdata",
+            sb.to_str().unwrap(),
+            "--conninfo",
+            &s.conninfo(),
+            "--include-wal",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("standby"), "{}", text(&o));
+}
