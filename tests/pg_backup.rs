@@ -76,6 +76,23 @@ fn backup_under_load_restores_and_starts() {
     assert_eq!(meta["bad_pages"].as_array().unwrap().len(), 0);
     assert_eq!(meta["tablespaces"].as_array().unwrap().len(), 1);
     assert!(meta["data_checksums"].as_bool().unwrap());
+    // The server backed up is the major version under test.
+    let v = run_ok(std::process::Command::new(pg_bin().join("postgres")).arg("--version"));
+    let major: i64 = v
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .trim()
+        .split('.')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        meta["pg_version_num"].as_i64().unwrap() / 10000,
+        major,
+        "{v}"
+    );
     assert!(meta["backup_label"]
         .as_str()
         .unwrap()
