@@ -65,6 +65,6 @@ cargo clippy --all-targets --quiet -- -D warnings
 cargo test "$@"
 if [ $# -eq 0 ]; then
   echo "test.sh: PostgreSQL tests again on 14 ($PG14) and 18 ($PG18)"
-  PGCAIRN_TEST_PGBIN=$PG14 cargo test --test pg_backup
-  PGCAIRN_TEST_PGBIN=$PG18 cargo test --test pg_backup
+  PGCAIRN_TEST_PGBIN=$PG14 cargo test --test pg_backup --test pg_pitr
+  PGCAIRN_TEST_PGBIN=$PG18 cargo test --test pg_backup --test pg_pitr
 fi

@@ -60,6 +60,29 @@ pub enum Command {
     Show(ShowArgs),
     /// Restore a backup (an id or `latest`) into a directory.
     Restore(RestoreArgs),
+    /// archive_command: store one WAL file (`pgcairn archive-push %p`).
+    ArchivePush(ArchivePushArgs),
+    /// restore_command: fetch one WAL file (`pgcairn archive-get %f %p`).
+    /// Exits 1 only when the file is confirmed absent, 255 on any failure.
+    ArchiveGet(ArchiveGetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ArchivePushArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// The file, as PostgreSQL's %p (relative to the data directory).
+    pub path: std::path::PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ArchiveGetArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// The file name PostgreSQL asks for (%f).
+    pub file: String,
+    /// Where to put it (%p).
+    pub dest: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -116,6 +139,38 @@ pub struct RestoreArgs {
     /// Relocate a tablespace: OLD_DIRECTORY=NEW_DIRECTORY (repeatable).
     #[arg(long = "tablespace-map", value_name = "OLD=NEW")]
     pub tablespace_map: Vec<String>,
+    /// Recover to this time (e.g. "2026-11-22 14:05:00+00").
+    #[arg(long, group = "recovery_target")]
+    pub target_time: Option<String>,
+    /// Recover to this transaction id.
+    #[arg(long, group = "recovery_target")]
+    pub target_xid: Option<String>,
+    /// Recover to this WAL position.
+    #[arg(long, group = "recovery_target")]
+    pub target_lsn: Option<String>,
+    /// Recover to this restore point (pg_create_restore_point).
+    #[arg(long, group = "recovery_target")]
+    pub target_name: Option<String>,
+    /// Stop as soon as the backup is consistent.
+    #[arg(long, group = "recovery_target")]
+    pub target_immediate: bool,
+    /// Stop just before the target instead of just after it.
+    #[arg(long)]
+    pub target_exclusive: bool,
+    /// latest, current, or a timeline id.
+    #[arg(long)]
+    pub target_timeline: Option<String>,
+    /// What to do at the target: pause, promote or shutdown.
+    #[arg(long, value_parser = ["pause", "promote", "shutdown"])]
+    pub target_action: Option<String>,
+    /// Keep the backup's archive_mode (by default it is set to off, so a
+    /// test restore never archives into the production history).
+    #[arg(long)]
+    pub keep_archive_mode: bool,
+    /// Write no recovery settings: PostgreSQL then replays only the WAL in
+    /// pg_wal (a backup taken with --include-wal).
+    #[arg(long, conflicts_with = "recovery_target")]
+    pub no_recovery: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -1,6 +1,8 @@
 //! One file per CLI command, each a short script over the library. This is
 //! the only layer that prints.
 
+pub mod archive_get;
+pub mod archive_push;
 pub mod backup;
 pub mod info;
 pub mod init;
@@ -120,6 +122,19 @@ impl Ctx {
         Ok(name)
     }
 
+    /// Open for the commands PostgreSQL runs once per WAL file: the master
+    /// key comes from the key cache after the first unlock.
+    pub async fn open_cached(&self) -> Result<Repository> {
+        let url = self.repo_url()?;
+        let src = self.passphrase.clone();
+        let get = move || src.get();
+        let opts = OpenOptions {
+            key_cache: std::env::var_os("PGCAIRN_NO_KEY_CACHE").is_none(),
+            ..self.open_options()
+        };
+        Ok(Repository::open(&url, &get, opts).await?)
+    }
+
     pub async fn open(&self) -> Result<Repository> {
         let url = self.repo_url()?;
         let src = self.passphrase.clone();
@@ -128,9 +143,15 @@ impl Ctx {
     }
 }
 
-pub async fn run(cli: Cli) -> Result<()> {
+/// Run a command; returns the process exit code on success.
+pub async fn run(cli: Cli) -> Result<u8> {
     let ctx = Ctx::new(cli.global)?;
+    if let Command::ArchiveGet(a) = cli.command {
+        return archive_get::run(&ctx, a).await;
+    }
     match cli.command {
+        Command::ArchiveGet(_) => unreachable!("handled above"),
+        Command::ArchivePush(a) => archive_push::run(&ctx, a).await,
         Command::Init(a) => init::run(&ctx, a).await,
         Command::Key(k) => key::run(&ctx, k).await,
         Command::Info => info::run(&ctx).await,
@@ -138,7 +159,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::List(a) => list::run(&ctx, a).await,
         Command::Show(a) => show::run(&ctx, a).await,
         Command::Restore(a) => restore::run(&ctx, a).await,
-    }
+    }?;
+    Ok(0)
 }
 
 /// Bytes for people: 1.5 GiB.

@@ -8,6 +8,7 @@ use super::progress::Bar;
 use super::{human_bytes, Ctx};
 use crate::cli::RestoreArgs;
 use crate::engine::restore::{run as restore, RestoreOptions};
+use crate::pg::recovery::{sh_quote, RecoverySettings};
 
 pub async fn run(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
     let server = ctx.server_name(&a.server)?;
@@ -18,12 +19,19 @@ pub async fn run(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
         })?;
         map.push((old.to_string(), new.to_string()));
     }
-    let repo = ctx.open().await?;
+    // The restored server's restore_command unlocks through the key cache.
+    let repo = ctx.open_cached().await?;
     let name = ctx.resolve_backup(&repo, &server, &a.id).await?;
+    let recovery = if a.no_recovery {
+        None
+    } else {
+        Some(recovery_settings(ctx, &a, &server)?)
+    };
     let opts = RestoreOptions {
         target: a.target.clone(),
         jobs: a.jobs,
         tablespace_map: map,
+        recovery: recovery.clone(),
     };
     let bar = Arc::new(Bar::new());
     let res = restore(&repo, &name, &opts, bar.clone()).await;
@@ -40,8 +48,89 @@ pub async fn run(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
         secs,
         s.bytes as f64 / 1e6 / secs.max(0.001)
     );
-    if s.meta.included_wal.is_empty() {
-        println!("note: this backup does not carry its WAL; PostgreSQL needs the archived WAL (restore_command) to reach a consistent state");
+    match &recovery {
+        Some(r) => {
+            println!("recovery: recovery.signal and settings written to postgresql.auto.conf");
+            println!("  restore_command = {}", r.restore_command);
+            if let Some((k, v)) = &r.target {
+                println!("  {k} = '{v}'");
+            }
+            if r.archive_mode_off {
+                println!("  archive_mode = off (so this copy never archives into the production history; --keep-archive-mode to keep it)");
+            }
+            for l in &s.replaced_settings {
+                println!("  commented out: {l}");
+            }
+            if r.target.is_some() {
+                println!(
+                    "If the target is never reached, PostgreSQL stops with \"recovery ended before configured recovery target was reached\": \
+                     choose an earlier target or a backup that ended before it."
+                );
+            }
+        }
+        None if s.meta.included_wal.is_empty() => {
+            println!("note: no recovery settings and this backup carries no WAL: PostgreSQL cannot reach a consistent state from it")
+        }
+        None => println!(
+            "no recovery settings: PostgreSQL replays the WAL carried in pg_wal and starts"
+        ),
     }
     Ok(())
+}
+
+/// restore_command calls this same pgcairn with the same repository,
+/// server and settings.
+fn recovery_settings(ctx: &Ctx, a: &RestoreArgs, server: &str) -> Result<RecoverySettings> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = vec![sh_quote(&exe.to_string_lossy())];
+    cmd.push(format!("--repo {}", sh_quote(&ctx.repo_url()?)));
+    if let Some(c) = &ctx.global.config {
+        cmd.push(format!(
+            "--config {}",
+            sh_quote(&std::path::absolute(c)?.to_string_lossy())
+        ));
+    }
+    if let Some(d) = ctx
+        .global
+        .cache_dir
+        .clone()
+        .or_else(|| ctx.settings.repository.cache_dir.clone())
+    {
+        cmd.push(format!(
+            "--cache-dir {}",
+            sh_quote(&std::path::absolute(d)?.to_string_lossy())
+        ));
+    }
+    if let Some(f) = &ctx.passphrase.file {
+        cmd.push(format!(
+            "--passphrase-file {}",
+            sh_quote(&std::path::absolute(f)?.to_string_lossy())
+        ));
+    }
+    cmd.push(format!("archive-get --server {} %f %p", sh_quote(server)));
+    let target = if let Some(t) = &a.target_time {
+        Some(("recovery_target_time", t.clone()))
+    } else if let Some(x) = &a.target_xid {
+        Some(("recovery_target_xid", x.clone()))
+    } else if let Some(l) = &a.target_lsn {
+        Some(("recovery_target_lsn", l.clone()))
+    } else if let Some(n) = &a.target_name {
+        Some(("recovery_target_name", n.clone()))
+    } else if a.target_immediate {
+        Some(("recovery_target", "immediate".to_string()))
+    } else {
+        None
+    };
+    Ok(RecoverySettings {
+        restore_command: cmd.join(" "),
+        inclusive: (a.target_exclusive && target.is_some()).then_some(false),
+        target: target.map(|(k, v)| (k.to_string(), v)),
+        // --target-immediate stays on the backup's own timeline.
+        timeline: a
+            .target_timeline
+            .clone()
+            .or_else(|| a.target_immediate.then(|| "current".to_string())),
+        action: a.target_action.clone(),
+        archive_mode_off: !a.keep_archive_mode,
+    })
 }

@@ -132,7 +132,7 @@ fn empty_entry(path: &str, a: ciborium::Value) -> Entry {
 }
 
 /// Register `server` as this cluster, or check that it is.
-async fn check_server(repo: &Repository, server: &str, sysid: u64) -> Result<()> {
+pub async fn register_server(repo: &Repository, server: &str, sysid: u64) -> Result<()> {
     let name = server_record(server);
     match repo.manifest_meta(&name).await {
         Ok(v) => {
@@ -140,13 +140,13 @@ async fn check_server(repo: &Repository, server: &str, sysid: u64) -> Result<()>
             if rec.system_identifier != sysid {
                 return Err(EngineError::Refused(format!(
                     "server {server:?} in this repository is the cluster with system identifier {}, \
-                     but the cluster being backed up has {sysid}; use another server name for a different cluster",
+                     but this cluster has {sysid}; use another server name for a different cluster",
                     rec.system_identifier
                 )));
             }
             Ok(())
         }
-        Err(RepoError::NotFound { .. }) => {
+        Err(RepoError::NotFound { key }) if key.ends_with(&name) => {
             let w = repo.writer("register server").await?;
             let rec = ServerRecord {
                 server: server.into(),
@@ -156,9 +156,9 @@ async fn check_server(repo: &Repository, server: &str, sysid: u64) -> Result<()>
             let r = w.commit(&manifest(name, to_value(&rec)?, Vec::new())).await;
             w.finish().await?;
             match r {
-                // Another backup registered it at the same moment: check it.
+                // Registered by someone else at the same moment: check it.
                 Err(RepoError::Conflict { .. }) => {
-                    Box::pin(check_server(repo, server, sysid)).await
+                    Box::pin(register_server(repo, server, sysid)).await
                 }
                 other => Ok(other?),
             }
@@ -229,7 +229,7 @@ pub async fn run(
             info.system_identifier
         )));
     }
-    check_server(repo, &opts.server, info.system_identifier).await?;
+    register_server(repo, &opts.server, info.system_identifier).await?;
     let tablespaces = session.tablespaces().await?;
     let seg_size = info.wal_segment_size;
     if opts.include_wal {

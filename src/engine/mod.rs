@@ -2,6 +2,7 @@
 //! `pg` layer (what PostgreSQL is) and the `repo` layer (where bytes go).
 //! Prints nothing; reports progress through [`Progress`].
 
+pub mod archive;
 pub mod backup;
 pub mod catalog;
 pub mod restore;

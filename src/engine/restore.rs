@@ -21,6 +21,8 @@ pub struct RestoreOptions {
     pub jobs: usize,
     /// OLD=NEW tablespace relocations.
     pub tablespace_map: Vec<(String, String)>,
+    /// Recovery settings to write (None: PostgreSQL replays pg_wal only).
+    pub recovery: Option<crate::pg::recovery::RecoverySettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -29,6 +31,9 @@ pub struct RestoreSummary {
     pub files: u64,
     pub bytes: u64,
     pub duration: Duration,
+    /// Recovery settings found in the backup's postgresql.auto.conf and
+    /// commented out.
+    pub replaced_settings: Vec<String>,
 }
 
 fn io(ctx: String) -> impl FnOnce(std::io::Error) -> EngineError {
@@ -187,6 +192,10 @@ pub async fn run(
             map_lines.concat().as_bytes(),
         )?;
     }
+    let replaced_settings = match &opts.recovery {
+        Some(r) => crate::pg::recovery::write(target, r)?,
+        None => Vec::new(),
+    };
     for d in &dirs {
         fsync_dir(d)?;
     }
@@ -205,6 +214,7 @@ pub async fn run(
         bytes: bytes.iter().sum::<u64>() + ce.size,
         meta,
         duration: started.elapsed(),
+        replaced_settings,
     })
 }
 

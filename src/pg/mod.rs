@@ -6,7 +6,9 @@ pub mod checksum;
 pub mod conn;
 pub mod control;
 pub mod datadir;
+pub mod recovery;
 pub mod wal;
+pub mod walfile;
 
 use thiserror::Error;
 

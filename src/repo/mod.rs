@@ -80,6 +80,11 @@ pub struct OpenOptions {
     pub index_page_cache: usize,
     /// Override the repository's default compression level.
     pub compression_level: Option<i32>,
+    /// Keep the unlocked master key in `<cache>/<repo-id>/master.key`
+    /// (mode 0600) and use it instead of deriving it from the passphrase.
+    /// For archive-push and archive-get, which run once per WAL file: see
+    /// repo-format.md, "Key cache", for what this trades.
+    pub key_cache: bool,
 }
 
 impl Default for OpenOptions {
@@ -92,6 +97,7 @@ impl Default for OpenOptions {
             io_depth: 4,
             index_page_cache: 256,
             compression_level: None,
+            key_cache: false,
         }
     }
 }
@@ -135,6 +141,57 @@ fn default_cache_root() -> PathBuf {
         return PathBuf::from(h).join(".cache").join("pgcairn");
     }
     std::env::temp_dir().join("pgcairn-cache")
+}
+
+fn cache_root(opts: &OpenOptions) -> PathBuf {
+    opts.cache_dir.clone().unwrap_or_else(default_cache_root)
+}
+
+fn key_cache_path(opts: &OpenOptions, cfg: &RepoConfig) -> PathBuf {
+    cache_root(opts).join(cfg.repo_id_hex()).join("master.key")
+}
+
+/// The cached master key, if present, private to us, and accepted by the
+/// config's MAC.
+fn read_key_cache(
+    opts: &OpenOptions,
+    cfg: &RepoConfig,
+    body: &[u8],
+    mac: &[u8],
+) -> Option<MasterKey> {
+    use std::os::unix::fs::MetadataExt;
+    let path = key_cache_path(opts, cfg);
+    let meta = std::fs::metadata(&path).ok()?;
+    // SAFETY: geteuid has no preconditions.
+    if meta.mode() & 0o077 != 0 || meta.uid() != unsafe { libc::geteuid() } {
+        return None;
+    }
+    let bytes = Zeroizing::new(std::fs::read(&path).ok()?);
+    let master = MasterKey::from_bytes(&bytes)?;
+    RepoConfig::authenticate(body, mac, &master.derive().mac).ok()?;
+    Some(master)
+}
+
+fn write_key_cache(opts: &OpenOptions, cfg: &RepoConfig, master: &MasterKey) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = key_cache_path(opts, cfg);
+    let dir = path.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| RepoError::io(format!("creating {}", dir.display()), e))?;
+    let tmp = dir.join(format!(".master.key.{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| RepoError::io(format!("creating {}", tmp.display()), e))?;
+    f.write_all(master.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| RepoError::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, &path)
+        .map_err(|e| RepoError::io(format!("renaming into {}", path.display()), e))
 }
 
 /// A summary for `pgcairn info`.
@@ -233,12 +290,7 @@ impl Repository {
         let keys = master.derive();
         let repo_id = config.repo_id();
         let sealer = Sealer::new(config.encryption.is_encrypted(), &keys.seal);
-        let cache = opts
-            .cache_dir
-            .clone()
-            .unwrap_or_else(default_cache_root)
-            .join(config.repo_id_hex())
-            .join("index");
+        let cache = cache_root(&opts).join(config.repo_id_hex()).join("index");
         let index = Arc::new(IndexSet::new(
             backend.clone(),
             sealer.clone(),
@@ -280,6 +332,17 @@ impl Repository {
         };
         let (cfg, body, mac) = RepoConfig::decode(&cfg_bytes)?;
         let repo_id = cfg.repo_id();
+        if opts.key_cache {
+            if let Some(master) = read_key_cache(&opts, &cfg, &body, &mac) {
+                return Ok(Self::assemble(
+                    backend,
+                    cfg,
+                    master,
+                    "(cached)".into(),
+                    opts,
+                ));
+            }
+        }
         let listed = backend::list(&*backend, KEYS_PREFIX).await?;
         if listed.is_empty() {
             return Err(RepoError::corrupt(
@@ -308,6 +371,9 @@ impl Repository {
             if let Some(master) = k.unwrap_with(&repo_id, pw.as_ref().map(|p| p.as_slice()))? {
                 let keys = master.derive();
                 RepoConfig::authenticate(&body, &mac, &keys.mac)?;
+                if opts.key_cache {
+                    write_key_cache(&opts, &cfg, &master)?;
+                }
                 return Ok(Self::assemble(backend, cfg, master, k.id.clone(), opts));
             }
         }

@@ -1,0 +1,214 @@
+//! The WAL archive: `archive-push` and `archive-get`. PostgreSQL acts on
+//! what these say: archive-push must not report success before the file is
+//! durable, and archive-get must report "absent" only when a direct lookup
+//! in the repository says so (recovery ends there).
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::catalog::{from_value, server_record, to_value, wal_name, FileAttrs, ServerRecord};
+use super::{EngineError, Result};
+use crate::pg::wal::WalFile;
+use crate::pg::walfile::check_segment;
+use crate::repo::format::now_unix;
+use crate::repo::store::{entry, manifest};
+use crate::repo::{RepoError, Repository};
+
+/// The application payload of a WAL manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WalMeta {
+    pub server: String,
+    pub system_identifier: u64,
+    /// The name PostgreSQL knows the file by.
+    pub file: String,
+    pub size: u64,
+    pub archived: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushOutcome {
+    Stored,
+    /// The same content was already archived (PostgreSQL retried).
+    AlreadyArchived,
+    /// A second, different `.partial` of the same name, kept beside the first.
+    StoredAs(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GetOutcome {
+    Restored,
+    /// A direct lookup found no such file in the repository.
+    Absent,
+}
+
+/// Timeline whose directory holds `file` (history files by their own).
+fn timeline_of(file: &WalFile) -> u32 {
+    file.timeline()
+}
+
+/// The system identifier registered for `server`, if any.
+async fn registered_sysid(repo: &Repository, server: &str) -> Result<Option<u64>> {
+    let name = server_record(server);
+    match repo.manifest_meta(&name).await {
+        Ok(v) => Ok(Some(
+            from_value::<ServerRecord>(&v, &name)?.system_identifier,
+        )),
+        Err(RepoError::NotFound { key }) if key.ends_with(&name) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn push(repo: &Repository, server: &str, path: &Path) -> Result<PushOutcome> {
+    let file = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| EngineError::Refused(format!("{}: not a WAL file path", path.display())))?
+        .to_string();
+    let data = std::fs::read(path)
+        .map_err(|e| EngineError::io(format!("reading {}", path.display()), e))?;
+    // Segment names need the segment size to parse; it comes from the header.
+    let seg_size = crate::pg::walfile::parse_header(&data)
+        .map(|h| h.segment_size as u64)
+        .filter(|s| s.is_power_of_two() && *s >= 1 << 20)
+        .unwrap_or(16 << 20);
+    let kind = WalFile::parse(&file, seg_size)
+        .ok_or_else(|| EngineError::Refused(format!("{file}: not a WAL archive file name")))?;
+    let mut sysid = registered_sysid(repo, server).await?;
+    if let WalFile::Segment { timeline, segno } | WalFile::Partial { timeline, segno } = kind {
+        let h =
+            check_segment(&file, &data, timeline, segno, sysid).map_err(EngineError::Refused)?;
+        if sysid.is_none() {
+            super::backup::register_server(repo, server, h.system_identifier).await?;
+            sysid = Some(h.system_identifier);
+        }
+    }
+    let hash = blake3::hash(&data);
+    let tl = timeline_of(&kind);
+    let mut name = wal_name(server, tl, &file);
+    let mut outcome = PushOutcome::Stored;
+    if let Some(existing) = archived_hash(repo, &name).await? {
+        if existing == *hash.as_bytes() {
+            return Ok(PushOutcome::AlreadyArchived);
+        }
+        if matches!(kind, WalFile::Partial { .. }) {
+            // Two promotions from one timeline: keep both rather than stall
+            // archiving forever.
+            let alt = format!("{file}.{}", &hash.to_hex()[..16]);
+            name = wal_name(server, tl, &alt);
+            if archived_hash(repo, &name).await? == Some(*hash.as_bytes()) {
+                return Ok(PushOutcome::AlreadyArchived);
+            }
+            outcome = PushOutcome::StoredAs(alt);
+        } else {
+            return Err(EngineError::Refused(format!(
+                "{file} is already archived for server {server} with different content (archived BLAKE3 {}, this file {}); \
+                 nothing was overwritten. Is another cluster archiving under the same server name?",
+                hex::encode(existing),
+                hash.to_hex()
+            )));
+        }
+    }
+    let size = data.len() as u64;
+    let w = repo
+        .writer(&format!("archive-push {server}/{file}"))
+        .await?;
+    let s = w.store_bytes(data).await?;
+    let attrs = to_value(&FileAttrs {
+        kind: "file".into(),
+        mode: 0o600,
+        mtime: now_unix(),
+        target: None,
+    })?;
+    let meta = WalMeta {
+        server: server.into(),
+        system_identifier: sysid.unwrap_or(0),
+        file: file.clone(),
+        size,
+        archived: now_unix(),
+    };
+    let res = w
+        .commit(&manifest(
+            name.clone(),
+            to_value(&meta)?,
+            vec![entry(file.clone(), s, attrs)],
+        ))
+        .await;
+    w.finish().await?;
+    match res {
+        Ok(()) => Ok(outcome),
+        // A concurrent push of the same file: identical content is success.
+        Err(RepoError::Conflict { .. })
+            if archived_hash(repo, &name).await? == Some(*hash.as_bytes()) =>
+        {
+            Ok(PushOutcome::AlreadyArchived)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The content hash of an archived file, `None` only if a direct lookup
+/// says it is not there.
+async fn archived_hash(repo: &Repository, name: &str) -> Result<Option<[u8; 32]>> {
+    match repo.read_manifest(name).await {
+        Ok(m) => Ok(m.entries.first().map(|e| e.hash.0)),
+        Err(RepoError::NotFound { key }) if key.ends_with(name) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Fetch `file` into `dest`. `Absent` only after a direct lookup of the
+/// file's manifest answered "not found"; every other failure is an error.
+pub async fn get(repo: &Repository, server: &str, file: &str, dest: &Path) -> Result<GetOutcome> {
+    let kind = WalFile::parse(file, 16 << 20)
+        .or_else(|| WalFile::parse(file, 1 << 30))
+        .ok_or_else(|| EngineError::Refused(format!("{file}: not a WAL archive file name")))?;
+    let name = wal_name(server, timeline_of(&kind), file);
+    let m = match repo.read_manifest(&name).await {
+        Ok(m) => m,
+        Err(RepoError::NotFound { key }) if key.ends_with(&name) => return Ok(GetOutcome::Absent),
+        Err(RepoError::NotFound { key }) => {
+            // Something the manifest needs is missing: damage, not absence.
+            return Err(EngineError::Refused(format!(
+                "{file} is archived but {key} is missing from the repository (run `pgcairn verify`)"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let meta: WalMeta = from_value(&m.meta, &name)?;
+    let e = m
+        .entries
+        .first()
+        .ok_or_else(|| RepoError::corrupt(&name, "WAL manifest without its file"))?;
+    let tmp = dest.with_file_name(format!(
+        ".{}.pgcairn-tmp",
+        dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal")
+    ));
+    let result = async {
+        let mut f = std::fs::File::create(&tmp)
+            .map_err(|e| EngineError::io(format!("creating {}", tmp.display()), e))?;
+        let mut buf = Vec::with_capacity(e.size as usize);
+        repo.restore_entry(e, &mut buf).await?;
+        if let WalFile::Segment { timeline, segno } | WalFile::Partial { timeline, segno } = kind {
+            check_segment(file, &buf, timeline, segno, Some(meta.system_identifier))
+                .map_err(EngineError::Refused)?;
+        }
+        f.write_all(&buf)
+            .map_err(|e| EngineError::io(format!("writing {}", tmp.display()), e))?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| EngineError::io(format!("chmod {}", tmp.display()), e))?;
+        f.sync_all()
+            .map_err(|e| EngineError::io(format!("fsync {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, dest)
+            .map_err(|e| EngineError::io(format!("renaming into {}", dest.display()), e))?;
+        Ok::<(), EngineError>(())
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    Ok(GetOutcome::Restored)
+}

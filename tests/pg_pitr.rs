@@ -1,0 +1,249 @@
+//! WAL archiving by PostgreSQL itself through `pgcairn archive-push`, and
+//! point-in-time recovery through `pgcairn archive-get`.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use common::pg::*;
+
+/// Configure archiving into the test repository with a passphrase file.
+fn archiving(c: &Cluster, cairn: &Cairn, dir: &std::path::Path) {
+    let pw = dir.join("passphrase");
+    std::fs::write(&pw, "test-pass\n").unwrap();
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    chown(&pw);
+    let cmd = format!(
+        "{} --repo {} --cache-dir {} --passphrase-file {} archive-push --server main %p",
+        env!("CARGO_BIN_EXE_pgcairn"),
+        cairn.repo,
+        cairn.cache.display(),
+        pw.display()
+    );
+    c.append_conf(&format!(
+        "archive_mode = on\narchive_command = '{}'\nwal_level = replica\n",
+        cmd.replace('\'', "''")
+    ));
+}
+
+/// Poll (bounded) until PostgreSQL reports `segment` archived.
+fn wait_archived(c: &Cluster, segment: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let last = c.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+        if last.as_str() >= segment {
+            return;
+        }
+        let failed = c.psql(
+            "SELECT coalesce(last_failed_wal, '') || ' ' || failed_count FROM pg_stat_archiver",
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{segment} not archived (last {last}, failed {failed}):\n{}",
+            c.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_promoted(c: &Cluster) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while c.psql("SELECT pg_is_in_recovery()") == "t" {
+        assert!(
+            Instant::now() < deadline,
+            "restored server never left recovery:\n{}",
+            c.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn archive_push_and_point_in_time_recovery() {
+    let dir = user_dir();
+    let d = dir.path();
+    let cairn = Cairn::new(d);
+    let mut src = Cluster::init(d, "src", &[]);
+    archiving(&src, &cairn, d);
+    src.start();
+    run_ok(&mut src.pgbench(&["-i", "-s", "1", "-q"]));
+    // The default backup waits for its WAL to arrive through archive-push.
+    let pgdata = src.pgdata.to_string_lossy().to_string();
+    let out = cairn.ok(&[
+        "backup",
+        "--server",
+        "main",
+        "--pgdata",
+        &pgdata,
+        "--conninfo",
+        &src.conninfo(),
+        "--fast-checkpoint",
+    ]);
+    println!("{out}");
+
+    src.psql("CREATE TABLE keepme AS SELECT g FROM generate_series(1, 1234) g");
+    let target = src.psql("SELECT clock_timestamp()");
+    src.psql("DROP TABLE keepme");
+    src.psql(
+        "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 0, now())",
+    );
+    let seg = src.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    src.psql("SELECT pg_switch_wal()");
+    wait_archived(&src, &seg);
+
+    // Pushing an archived file again with the same content succeeds;
+    // different content under its name is refused and overwrites nothing.
+    let wal_path = src.pgdata.join("pg_wal").join(&seg);
+    if wal_path.exists() {
+        let o = cairn.run(
+            &[
+                "archive-push",
+                "--server",
+                "main",
+                wal_path.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+    }
+
+    let restored = d.join("restored");
+    let out = cairn.ok(&[
+        "restore",
+        "--server",
+        "main",
+        "latest",
+        restored.to_str().unwrap(),
+        "--target-time",
+        &target,
+        "--target-action",
+        "promote",
+        "--cache-dir",
+        cairn.cache.to_str().unwrap(),
+    ]);
+    println!("{out}");
+    let mut r = Cluster::existing(&restored, d, "restored");
+    r.start();
+    wait_promoted(&r);
+    assert_eq!(
+        r.psql("SELECT count(*) FROM keepme"),
+        "1234",
+        "the dropped table is back"
+    );
+    assert_eq!(r.psql("SHOW archive_mode"), "off");
+    assert!(
+        r.log_text().contains("recovery stopping before commit"),
+        "{}",
+        r.log_text()
+    );
+}
+
+#[test]
+fn archive_get_exit_codes_and_storage_faults_stop_recovery() {
+    let dir = user_dir();
+    let d = dir.path();
+    let cairn = Cairn::new(d);
+    let mut src = Cluster::init(d, "src", &[]);
+    archiving(&src, &cairn, d);
+    src.start();
+    let pgdata = src.pgdata.to_string_lossy().to_string();
+    cairn.ok(&[
+        "backup",
+        "--server",
+        "main",
+        "--pgdata",
+        &pgdata,
+        "--conninfo",
+        &src.conninfo(),
+        "--fast-checkpoint",
+    ]);
+
+    // Confirmed absent: 1. Present: 0, with the right bytes.
+    let dest = d.join("fetched");
+    let o = cairn.run(
+        &[
+            "archive-get",
+            "--server",
+            "main",
+            "0000000100000000000000FE",
+            dest.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let first = cairn.ok(&["list", "--server", "main", "--format", "json"]);
+    let rows: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let start_wal = rows[0]["start_wal"].as_str().unwrap().to_string();
+    let o = cairn.run(
+        &[
+            "archive-get",
+            "--server",
+            "main",
+            &start_wal,
+            dest.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(std::fs::metadata(&dest).unwrap().len(), 16 * 1024 * 1024);
+    // Not a WAL name at all, or a repository that cannot be read: 255.
+    let o = cairn.run(
+        &[
+            "archive-get",
+            "--server",
+            "main",
+            "pg_control",
+            dest.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(255), "{}", text(&o));
+    let o = cairn.run(
+        &[
+            "--repo",
+            "/nonexistent/repo",
+            "archive-get",
+            "--server",
+            "main",
+            &start_wal,
+            dest.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(255), "{}", text(&o));
+
+    // Restore, then make the WAL archive unreadable: the .history probe and
+    // the segment fetches fail, and PostgreSQL must stop, not promote.
+    let restored = d.join("restored");
+    cairn.ok(&[
+        "restore",
+        "--server",
+        "main",
+        "latest",
+        restored.to_str().unwrap(),
+        "--target-action",
+        "promote",
+        "--cache-dir",
+        cairn.cache.to_str().unwrap(),
+    ]);
+    let wal_dir = std::path::Path::new(&cairn.repo).join("manifests/wal");
+    std::fs::set_permissions(&wal_dir, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let mut r = Cluster::existing(&restored, d, "restored");
+    let o = r.try_start();
+    std::fs::set_permissions(&wal_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = r.log_text();
+    assert!(
+        !o.status.success() || !promoted(&r),
+        "recovery must not promote on a storage fault:\n{log}"
+    );
+    assert!(
+        log.contains("could not restore file") && log.contains("exit code 255"),
+        "{log}"
+    );
+    assert!(!log.contains("selected new timeline ID"), "{log}");
+}
+
+fn promoted(c: &Cluster) -> bool {
+    c.psql("SELECT NOT pg_is_in_recovery()") == "t"
+}
