@@ -60,11 +60,24 @@ pub enum Command {
     Show(ShowArgs),
     /// Restore a backup (an id or `latest`) into a directory.
     Restore(RestoreArgs),
+    /// Check repository, connection, archiving and the newest backup's WAL.
+    Check(CheckArgs),
     /// archive_command: store one WAL file (`pgcairn archive-push %p`).
     ArchivePush(ArchivePushArgs),
     /// restore_command: fetch one WAL file (`pgcairn archive-get %f %p`).
     /// Exits 1 only when the file is confirmed absent, 255 on any failure.
     ArchiveGet(ArchiveGetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    #[arg(long, env = "PGCAIRN_CONNINFO")]
+    pub conninfo: Option<String>,
+    /// Seconds to wait for a switched WAL file to arrive.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Args)]

@@ -82,6 +82,22 @@ fn archive_push_and_point_in_time_recovery() {
     ]);
     println!("{out}");
 
+    let checked = cairn.ok(&[
+        "check",
+        "--server",
+        "main",
+        "--conninfo",
+        &src.conninfo(),
+        "--format",
+        "json",
+    ]);
+    let checks: serde_json::Value = serde_json::from_str(&checked).unwrap();
+    assert_eq!(checks.as_array().unwrap().len(), 6, "{checked}");
+    assert!(
+        checks.as_array().unwrap().iter().all(|c| c["ok"] == true),
+        "{checked}"
+    );
+
     src.psql("CREATE TABLE keepme AS SELECT g FROM generate_series(1, 1234) g");
     let target = src.psql("SELECT clock_timestamp()");
     src.psql("DROP TABLE keepme");
@@ -246,4 +262,55 @@ fn archive_get_exit_codes_and_storage_faults_stop_recovery() {
 
 fn promoted(c: &Cluster) -> bool {
     c.psql("SELECT NOT pg_is_in_recovery()") == "t"
+}
+
+#[test]
+fn check_reports_what_is_missing() {
+    let dir = user_dir();
+    let d = dir.path();
+    let cairn = Cairn::new(d);
+    let mut c = Cluster::init(d, "noarch", &[]);
+    c.start();
+    let o = cairn.run(
+        &[
+            "check",
+            "--server",
+            "x",
+            "--conninfo",
+            &c.conninfo(),
+            "--format",
+            "json",
+            "--timeout",
+            "2",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let checks: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let by = |n: &str| {
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == n)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(by("repository")["ok"], true);
+    assert_eq!(by("connection")["ok"], true);
+    assert_eq!(by("archive_mode")["ok"], false);
+    assert_eq!(by("archive_command")["ok"], false);
+    assert_eq!(by("wal archiving")["ok"], false);
+    assert_eq!(by("backup wal")["ok"], false);
+    assert!(by("archive_mode")["hint"]
+        .as_str()
+        .unwrap()
+        .contains("archive_mode = on"));
+    c.stop();
+    let o = cairn.run(
+        &["check", "--server", "x", "--conninfo", &c.conninfo()],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("connection       FAILED"), "{}", text(&o));
 }

@@ -4,6 +4,7 @@
 pub mod archive_get;
 pub mod archive_push;
 pub mod backup;
+pub mod check;
 pub mod info;
 pub mod init;
 pub mod key;
@@ -156,6 +157,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Key(k) => key::run(&ctx, k).await,
         Command::Info => info::run(&ctx).await,
         Command::Backup(a) => backup::run(&ctx, a).await,
+        Command::Check(a) => check::run(&ctx, a).await,
         Command::List(a) => list::run(&ctx, a).await,
         Command::Show(a) => show::run(&ctx, a).await,
         Command::Restore(a) => restore::run(&ctx, a).await,

@@ -5,6 +5,7 @@
 pub mod archive;
 pub mod backup;
 pub mod catalog;
+pub mod check;
 pub mod restore;
 
 use thiserror::Error;

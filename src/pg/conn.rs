@@ -224,6 +224,15 @@ impl Session {
         Ok(row.get(0))
     }
 
+    /// Commit a transaction that has an xid, so that there is WAL to switch
+    /// away from.
+    pub async fn commit_marker(&self) -> Result<()> {
+        self.client
+            .batch_execute("SELECT txid_current()")
+            .await
+            .map_err(q("txid_current"))
+    }
+
     /// Force a WAL switch; returns the switch LSN.
     pub async fn switch_wal(&self) -> Result<Lsn> {
         let row = self
