@@ -314,3 +314,129 @@ fn check_reports_what_is_missing() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("connection       FAILED"), "{}", text(&o));
 }
+
+/// A timeline that forked before a backup ended cannot be reached from it:
+/// restore refuses before writing anything. One that forked after can.
+#[test]
+fn target_timeline_is_validated_against_archived_history() {
+    let dir = user_dir();
+    let d = dir.path();
+    let cairn = Cairn::new(d);
+    let mut src = Cluster::init(d, "src", &[]);
+    archiving(&src, &cairn, d);
+    src.start();
+    let pgdata = src.pgdata.to_string_lossy().to_string();
+    let backup = |c: &Cluster| {
+        cairn.ok(&[
+            "backup",
+            "--server",
+            "main",
+            "--pgdata",
+            &pgdata,
+            "--conninfo",
+            &c.conninfo(),
+            "--fast-checkpoint",
+        ]);
+    };
+    backup(&src);
+    src.psql("CREATE TABLE a AS SELECT 1 AS x");
+    let t1 = src.psql("SELECT clock_timestamp()");
+    src.psql("CREATE TABLE b AS SELECT 2 AS x");
+    let seg = src.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    src.psql("SELECT pg_switch_wal()");
+    wait_archived(&src, &seg);
+
+    // A copy promoted at t1 keeps archiving into the same repository, so
+    // 00000002.history arrives there.
+    let fork = d.join("fork");
+    cairn.ok(&[
+        "restore",
+        "--server",
+        "main",
+        "latest",
+        fork.to_str().unwrap(),
+        "--target-time",
+        &t1,
+        "--target-action",
+        "promote",
+        "--keep-archive-mode",
+        "--cache-dir",
+        cairn.cache.to_str().unwrap(),
+    ]);
+    let mut f = Cluster::existing(&fork, d, "fork");
+    f.start();
+    wait_promoted(&f);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while f.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")
+        != "00000002.history"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "history not archived:\n{}",
+            f.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f.stop();
+
+    // The source goes on on timeline 1; its next backup ends after the fork.
+    src.psql("CREATE TABLE c AS SELECT 3 AS x");
+    backup(&src);
+    let later = d.join("later");
+    let o = cairn.run(
+        &[
+            "restore",
+            "--server",
+            "main",
+            "latest",
+            later.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("before the backup ended"), "{}", text(&o));
+    assert!(
+        !later.exists(),
+        "nothing may be written when the timeline is unreachable"
+    );
+    // On its own timeline it restores.
+    cairn.ok(&[
+        "restore",
+        "--server",
+        "main",
+        "latest",
+        later.to_str().unwrap(),
+        "--target-timeline",
+        "current",
+    ]);
+
+    // The first backup ended before the fork: timeline 2 is reachable from it.
+    let rows: serde_json::Value =
+        serde_json::from_str(&cairn.ok(&["list", "--server", "main", "--format", "json"])).unwrap();
+    let first = rows[0]["id"].as_str().unwrap().to_string();
+    let again = d.join("again");
+    cairn.ok(&[
+        "restore",
+        "--server",
+        "main",
+        &first,
+        again.to_str().unwrap(),
+        "--target-timeline",
+        "2",
+    ]);
+    let mut g = Cluster::existing(&again, d, "again");
+    g.start();
+    wait_promoted(&g);
+    assert_eq!(
+        g.psql("SELECT timeline_id FROM pg_control_checkpoint()")
+            .parse::<u32>()
+            .unwrap()
+            >= 2,
+        true
+    );
+    assert_eq!(
+        g.psql("SELECT count(*) FROM pg_class WHERE relname = 'b'"),
+        "0",
+        "timeline 2 forked before b"
+    );
+}

@@ -7,8 +7,9 @@ use anyhow::Result;
 use super::progress::Bar;
 use super::{human_bytes, Ctx};
 use crate::cli::RestoreArgs;
-use crate::engine::restore::{run as restore, RestoreOptions};
+use crate::engine::restore::{check_timeline, run as restore, select_backup, RestoreOptions};
 use crate::pg::recovery::{sh_quote, RecoverySettings};
+use crate::pg::timeline::parse_timestamp;
 
 pub async fn run(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
     let server = ctx.server_name(&a.server)?;
@@ -21,7 +22,28 @@ pub async fn run(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
     }
     // The restored server's restore_command unlocks through the key cache.
     let repo = ctx.open_cached().await?;
-    let name = ctx.resolve_backup(&repo, &server, &a.id).await?;
+    let target_time = a
+        .target_time
+        .as_deref()
+        .map(parse_timestamp)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let target_lsn = a
+        .target_lsn
+        .as_deref()
+        .map(|l| l.parse::<crate::pg::wal::Lsn>())
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let chosen = select_backup(&repo, &server, &a.id, target_time, target_lsn).await?;
+    let name = chosen.name.clone();
+    if !a.no_recovery {
+        let requested = a.target_timeline.as_deref().or(if a.target_immediate {
+            Some("current")
+        } else {
+            None
+        });
+        check_timeline(&repo, &chosen.meta, requested).await?;
+    }
     let recovery = if a.no_recovery {
         None
     } else {

@@ -314,6 +314,7 @@ pub async fn run(
         ));
     }
     let stop = session.backup_stop().await?;
+    let stop_time = now_unix();
     if ctl_now.checkpoint < start_lsn {
         return Err(EngineError::Refused(format!(
             "pg_control's checkpoint {} is before the backup's start {start_lsn}: the copy is not usable",
@@ -387,7 +388,7 @@ pub async fn run(
         backup_id: backup_id.clone(),
         label,
         start_time,
-        stop_time: now_unix(),
+        stop_time,
         start_lsn: start_lsn.to_string(),
         stop_lsn: stop.lsn.to_string(),
         start_wal,

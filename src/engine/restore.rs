@@ -218,6 +218,106 @@ pub async fn run(
     })
 }
 
+/// The backup to restore: the one named, or for `latest` with a time or
+/// LSN target the newest backup that ended before the target (recovery
+/// cannot reach a target before its backup's end), else the newest.
+pub async fn select_backup(
+    repo: &Repository,
+    server: &str,
+    id: &str,
+    target_time: Option<f64>,
+    target_lsn: Option<crate::pg::wal::Lsn>,
+) -> Result<super::catalog::BackupRef> {
+    let all = super::catalog::list_backups(repo, Some(server)).await?;
+    if id != "latest" {
+        return all
+            .into_iter()
+            .find(|b| b.meta.backup_id == id)
+            .ok_or_else(|| {
+                EngineError::Refused(format!(
+                    "no backup {id} of server {server} in {} (see `pgcairn list`)",
+                    repo.location()
+                ))
+            });
+    }
+    let ended_before = |b: &super::catalog::BackupRef| {
+        let by_time = target_time.is_none_or(|t| (b.meta.stop_time as f64) < t);
+        let by_lsn = target_lsn.is_none_or(|t| {
+            b.meta
+                .stop_lsn
+                .parse::<crate::pg::wal::Lsn>()
+                .is_ok_and(|s| s <= t)
+        });
+        by_time && by_lsn
+    };
+    let n = all.len();
+    all.into_iter().rev().find(ended_before).ok_or_else(|| {
+        EngineError::Refused(if n == 0 {
+            format!("server {server} has no backups in {}", repo.location())
+        } else {
+            "no backup ended before the recovery target; choose a later target".to_string()
+        })
+    })
+}
+
+/// Check, before anything is written, that the recovery target timeline
+/// can be reached from the backup: per the archived history files, the
+/// target timeline must descend from the backup's and have forked after the
+/// backup ended. Returns the timeline recovery will follow.
+pub async fn check_timeline(
+    repo: &Repository,
+    meta: &BackupMeta,
+    requested: Option<&str>,
+) -> Result<u32> {
+    use crate::pg::timeline::{parse_history, reachable};
+    let prefix = format!("wal/{}/", meta.server);
+    let mut histories: Vec<(u32, String)> = Vec::new();
+    for name in repo.list_manifests(&prefix).await? {
+        if let Some(file) = name.rsplit('/').next() {
+            if let Some(tl) = file
+                .strip_suffix(".history")
+                .and_then(|t| u32::from_str_radix(t, 16).ok())
+            {
+                histories.push((tl, name.clone()));
+            }
+        }
+    }
+    let target = match requested {
+        None | Some("latest") => histories
+            .iter()
+            .map(|h| h.0)
+            .max()
+            .unwrap_or(meta.timeline)
+            .max(meta.timeline),
+        Some("current") => meta.timeline,
+        Some(n) => n.parse::<u32>().map_err(|_| {
+            EngineError::Refused(format!(
+                "--target-timeline {n:?}: use latest, current or a number"
+            ))
+        })?,
+    };
+    if target == meta.timeline {
+        return Ok(target);
+    }
+    let Some((_, name)) = histories.iter().find(|h| h.0 == target) else {
+        return Err(EngineError::Refused(format!(
+            "timeline {target} has no history file in the repository; it cannot be recovered to"
+        )));
+    };
+    let m = repo.read_manifest(name).await?;
+    let e = m
+        .entries
+        .first()
+        .ok_or_else(|| EngineError::Refused(format!("{name}: empty history manifest")))?;
+    let mut text = Vec::new();
+    repo.restore_entry(e, &mut text).await?;
+    let forks = parse_history(&String::from_utf8_lossy(&text))
+        .map_err(|e| EngineError::Refused(format!("{name}: {e}")))?;
+    let end: crate::pg::wal::Lsn = meta.stop_lsn.parse().map_err(EngineError::Refused)?;
+    reachable(meta.timeline, end, target, &forks).map_err(EngineError::Refused)?;
+    Ok(target)
+}
+
 fn write_small(path: &Path, data: &[u8]) -> Result<()> {
     let mut f = std::fs::File::create(path).map_err(io(format!("creating {}", path.display())))?;
     f.write_all(data)

@@ -7,6 +7,7 @@ pub mod conn;
 pub mod control;
 pub mod datadir;
 pub mod recovery;
+pub mod timeline;
 pub mod wal;
 pub mod walfile;
 
