@@ -427,13 +427,11 @@ fn target_timeline_is_validated_against_archived_history() {
     let mut g = Cluster::existing(&again, d, "again");
     g.start();
     wait_promoted(&g);
-    assert_eq!(
-        g.psql("SELECT timeline_id FROM pg_control_checkpoint()")
-            .parse::<u32>()
-            .unwrap()
-            >= 2,
-        true
-    );
+    let tl: u32 = g
+        .psql("SELECT timeline_id FROM pg_control_checkpoint()")
+        .parse()
+        .unwrap();
+    assert!(tl >= 2, "followed timeline 2, promoted past it: {tl}");
     assert_eq!(
         g.psql("SELECT count(*) FROM pg_class WHERE relname = 'b'"),
         "0",
