@@ -149,6 +149,10 @@ pub struct RestoreArgs {
     pub target: std::path::PathBuf,
     #[arg(long, default_value_t = 4)]
     pub jobs: usize,
+    /// Restore over an existing data directory: rewrite only files whose
+    /// content differs, delete files the backup lacks, empty pg_wal.
+    #[arg(long)]
+    pub delta: bool,
     /// Relocate a tablespace: OLD_DIRECTORY=NEW_DIRECTORY (repeatable).
     #[arg(long = "tablespace-map", value_name = "OLD=NEW")]
     pub tablespace_map: Vec<String>,

@@ -149,6 +149,64 @@ fn backup_under_load_restores_and_starts() {
             .arg(&target),
     );
 
+    // --delta over the used copy: damage it, add junk, restore over it.
+    let mut biggest = (std::path::PathBuf::new(), 0u64);
+    for db in std::fs::read_dir(target.join("base")).unwrap() {
+        for f in std::fs::read_dir(db.unwrap().path()).unwrap() {
+            let p = f.unwrap().path();
+            let len = std::fs::metadata(&p).unwrap().len();
+            if len > biggest.1 {
+                biggest = (p, len);
+            }
+        }
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&biggest.0)
+        .unwrap()
+        .set_len(8192)
+        .unwrap();
+    std::fs::write(target.join("junk"), b"not from the backup").unwrap();
+    std::fs::write(target.join("pg_wal/00000001000000000000FFFF"), b"stale").unwrap();
+    let o = cairn.run(
+        &[
+            "restore",
+            "--server",
+            "main",
+            "latest",
+            target.to_str().unwrap(),
+            "--tablespace-map",
+            &map,
+        ],
+        &[],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("--delta"),
+        "{}",
+        text(&o)
+    );
+    let out = cairn.ok(&[
+        "restore",
+        "--server",
+        "main",
+        "latest",
+        target.to_str().unwrap(),
+        "--tablespace-map",
+        &map,
+        "--delta",
+    ]);
+    println!("{out}");
+    assert!(out.contains("already matched"), "{out}");
+    assert!(!target.join("junk").exists());
+    assert!(!target.join("pg_wal/00000001000000000000FFFF").exists());
+    // Rewritten from the backup (PostgreSQL had grown it after the first
+    // restore, so its size now is the backup's, not the truncated one).
+    assert!(std::fs::metadata(&biggest.0).unwrap().len() > 8192);
+    dst.start();
+    assert_eq!(digest(&dst), before);
+    pgbench_consistent(&dst);
+    dst.stop();
+
     // A second backup after a small change stores a small fraction.
     src.psql("UPDATE orders SET amount = amount + 1 WHERE id % 1000 = 0");
     let out = cairn.ok(&[

@@ -54,6 +54,7 @@ pub async fn run(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
         jobs: a.jobs,
         tablespace_map: map,
         recovery: recovery.clone(),
+        delta: a.delta,
     };
     let bar = Arc::new(Bar::new());
     let res = restore(&repo, &name, &opts, bar.clone()).await;
@@ -70,6 +71,12 @@ pub async fn run(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
         secs,
         s.bytes as f64 / 1e6 / secs.max(0.001)
     );
+    if a.delta {
+        println!(
+            "delta: {} file(s) already matched the backup and were kept, {} file(s) or directories not in the backup were removed",
+            s.unchanged, s.removed
+        );
+    }
     match &recovery {
         Some(r) => {
             println!("recovery: recovery.signal and settings written to postgresql.auto.conf");

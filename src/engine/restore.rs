@@ -2,7 +2,7 @@
 //! Files go to temporary names, are fsync'd and renamed into place;
 //! pg_control is written last, so an aborted restore cannot start.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -23,6 +23,9 @@ pub struct RestoreOptions {
     pub tablespace_map: Vec<(String, String)>,
     /// Recovery settings to write (None: PostgreSQL replays pg_wal only).
     pub recovery: Option<crate::pg::recovery::RecoverySettings>,
+    /// Restore over an existing data directory: rewrite only files whose
+    /// content differs, delete what the backup does not have, empty pg_wal.
+    pub delta: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +37,9 @@ pub struct RestoreSummary {
     /// Recovery settings found in the backup's postgresql.auto.conf and
     /// commented out.
     pub replaced_settings: Vec<String>,
+    /// With `delta`: files already right, and files removed.
+    pub unchanged: u64,
+    pub removed: u64,
 }
 
 fn io(ctx: String) -> impl FnOnce(std::io::Error) -> EngineError {
@@ -103,9 +109,9 @@ pub async fn run(
                 target.display()
             )));
         }
-        if !is_empty_dir(target)? {
+        if !opts.delta && !is_empty_dir(target)? {
             return Err(EngineError::Refused(format!(
-                "{} is not empty; restore into an empty or new directory",
+                "{} is not empty; restore into an empty or new directory, or use --delta to restore over it",
                 target.display()
             )));
         }
@@ -119,6 +125,20 @@ pub async fn run(
         .iter()
         .map(|(a, b)| (a.as_str(), b.as_str()))
         .collect();
+
+    let mut removed = 0u64;
+    if opts.delta {
+        // First make the directory unstartable, then prune what the backup
+        // does not have (pg_wal's segments included).
+        let ctl = target.join("global/pg_control");
+        match std::fs::remove_file(&ctl) {
+            Ok(()) => fsync_dir(&target.join("global"))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(EngineError::io(format!("removing {}", ctl.display()), e)),
+        }
+        let expected: HashSet<&str> = m.entries.iter().map(|e| e.path.as_str()).collect();
+        removed = prune(target, "", &expected)?;
+    }
 
     // Directories and tablespace links first (entries are sorted by path,
     // so parents come before children).
@@ -143,6 +163,19 @@ pub async fn run(
                     .map(|s| s.to_string())
                     .unwrap_or(orig.clone());
                 let locp = PathBuf::from(&loc);
+                if opts.delta {
+                    match std::fs::read_link(&path) {
+                        Ok(t) if t == locp => {
+                            let oid = e.path.rsplit('/').next().unwrap_or_default();
+                            map_lines.push(format!("{oid} {loc}\n"));
+                            dirs.push(locp);
+                            continue;
+                        }
+                        Ok(_) => std::fs::remove_file(&path)
+                            .map_err(io(format!("removing {}", path.display())))?,
+                        Err(_) => {}
+                    }
+                }
                 if locp.exists() && !is_empty_dir(&locp)? {
                     return Err(EngineError::Refused(format!(
                         "tablespace directory {loc} is not empty; relocate it with --tablespace-map {orig}=NEW_DIRECTORY"
@@ -171,10 +204,17 @@ pub async fn run(
         .partition(|f| f.0.path == "global/pg_control");
     let total: u64 = others.iter().map(|f| f.0.size).sum();
     progress.phase("restoring files", total);
+    let unchanged = std::sync::atomic::AtomicU64::new(0);
     let bytes: Vec<u64> = futures::stream::iter(others.iter().map(|(e, path, mode, mtime)| {
         let progress = progress.clone();
+        let unchanged = &unchanged;
         async move {
-            write_file(repo, e, path, *mode, *mtime).await?;
+            if opts.delta && same_content(path, e)? {
+                set_attrs(path, *mode, *mtime)?;
+                unchanged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            } else {
+                write_file(repo, e, path, *mode, *mtime).await?;
+            }
             progress.advance(e.size);
             Ok::<u64, EngineError>(e.size)
         }
@@ -215,6 +255,8 @@ pub async fn run(
         meta,
         duration: started.elapsed(),
         replaced_settings,
+        unchanged: unchanged.into_inner(),
+        removed,
     })
 }
 
@@ -316,6 +358,73 @@ pub async fn check_timeline(
     let end: crate::pg::wal::Lsn = meta.stop_lsn.parse().map_err(EngineError::Refused)?;
     reachable(meta.timeline, end, target, &forks).map_err(EngineError::Refused)?;
     Ok(target)
+}
+
+/// Is the file at `path` already exactly the entry (size, then BLAKE3)?
+fn same_content(path: &Path, e: &Entry) -> Result<bool> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(err) => return Err(EngineError::io(format!("stat {}", path.display()), err)),
+    };
+    if !meta.is_file() || meta.len() != e.size {
+        return Ok(false);
+    }
+    let f = std::fs::File::open(path).map_err(io(format!("reading {}", path.display())))?;
+    let mut h = blake3::Hasher::new();
+    h.update_reader(f)
+        .map_err(io(format!("reading {}", path.display())))?;
+    Ok(h.finalize().as_bytes() == &e.hash.0)
+}
+
+fn set_attrs(path: &Path, mode: u32, mtime: i64) -> Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io(format!("chmod {}", path.display())))?;
+    let f = std::fs::File::options()
+        .write(true)
+        .open(path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime.max(0) as u64))
+        .map_err(io(format!("setting mtime of {}", path.display())))
+}
+
+/// Remove everything under `dir` that is not an expected entry; follows
+/// expected tablespace links. Returns how many files and directories went.
+fn prune(dir: &Path, rel: &str, expected: &HashSet<&str>) -> Result<u64> {
+    let mut removed = 0;
+    for ent in std::fs::read_dir(dir).map_err(io(format!("listing {}", dir.display())))? {
+        let ent = ent.map_err(io(format!("listing {}", dir.display())))?;
+        let name = ent.file_name().to_string_lossy().to_string();
+        let child = if rel.is_empty() {
+            name.clone()
+        } else {
+            format!("{rel}/{name}")
+        };
+        let path = ent.path();
+        let meta =
+            std::fs::symlink_metadata(&path).map_err(io(format!("stat {}", path.display())))?;
+        let keep = expected.contains(child.as_str());
+        if meta.file_type().is_symlink() {
+            if keep && rel == "pg_tblspc" {
+                removed += prune(&path, &child, expected)?;
+            } else if !keep {
+                std::fs::remove_file(&path).map_err(io(format!("removing {}", path.display())))?;
+                removed += 1;
+            }
+        } else if meta.is_dir() {
+            if keep {
+                removed += prune(&path, &child, expected)?;
+            } else {
+                std::fs::remove_dir_all(&path)
+                    .map_err(io(format!("removing {}", path.display())))?;
+                removed += 1;
+            }
+        } else if !keep {
+            std::fs::remove_file(&path).map_err(io(format!("removing {}", path.display())))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 fn write_small(path: &Path, data: &[u8]) -> Result<()> {
