@@ -497,3 +497,121 @@ fn non_default_wal_segment_size_and_standby_refusal() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("standby"), "{}", text(&o));
 }
+
+fn count(dir: &std::path::Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.map(|e| {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            count(&p)
+        } else {
+            1
+        }
+    })
+    .sum()
+}
+
+/// A backup killed mid-way leaves no manifest; the next run reuses what the
+/// killed one had stored.
+#[test]
+fn killed_backup_leaves_no_manifest_and_rerun_reuses_chunks() {
+    let dir = user_dir();
+    let d = dir.path();
+    let mut c = Cluster::init(d, "kill", &[]);
+    c.start();
+    run_ok(&mut c.pgbench(&["-i", "-s", "20", "-q"]));
+    c.psql("CHECKPOINT");
+    let cairn = Cairn::with_init(d, &["--pack-size", "1048576"]);
+    let pgdata = c.pgdata.to_string_lossy().to_string();
+    let args = [
+        "backup",
+        "--server",
+        "killme",
+        "--pgdata",
+        &pgdata,
+        "--conninfo",
+        &c.conninfo(),
+        "--include-wal",
+        "--fast-checkpoint",
+        "--jobs",
+        "1",
+    ];
+    let mut child = cairn
+        .command(&args, &[("PGCAIRN_INDEX_FLUSH_SECS", "0")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the backup has indexed some packs of its own (the server
+    // registration writes the first index object), then kill it.
+    let repo = std::path::Path::new(&cairn.repo);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while count(&repo.join("index")) < 3 || count(&repo.join("packs")) < 8 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup finished before it could be killed"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backup stored nothing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let k = std::process::Command::new("pkill")
+        .args(["-KILL", "-f", "backup --server killme"])
+        .status()
+        .unwrap();
+    assert!(k.success());
+    child.wait().unwrap();
+    let stored_before = count(&repo.join("packs"));
+    let killed_bytes = dir_bytes(&repo.join("packs"));
+    assert_eq!(
+        cairn.ok(&["list", "--server", "killme"]).trim(),
+        "no backups"
+    );
+    assert_eq!(
+        count(&repo.join("manifests/backups")),
+        0,
+        "a killed backup must leave no manifest"
+    );
+
+    // PostgreSQL ended the killed session's backup by itself: a new one runs.
+    cairn.ok(&args);
+    let killed_then_rerun = dir_bytes(&repo.join("packs"));
+    // Control: the same cluster backed up once into a fresh repository.
+    let control_dir = user_dir();
+    let control = Cairn::with_init(control_dir.path(), &["--pack-size", "1048576"]);
+    control.ok(&args);
+    let once = dir_bytes(&std::path::Path::new(&control.repo).join("packs"));
+    println!(
+        "killed after {stored_before} packs ({killed_bytes} bytes); killed + rerun stored {killed_then_rerun} bytes, one clean backup {once}"
+    );
+    assert!(
+        killed_bytes > once / 10,
+        "the killed backup stored too little to tell"
+    );
+    // Without reuse the rerun would add all of killed_bytes again; packs
+    // still uploading at the kill were never indexed and may be stored twice.
+    let extra = killed_then_rerun.saturating_sub(once);
+    assert!(
+        extra < killed_bytes / 2,
+        "the rerun stored again what the killed backup had stored: {extra} extra bytes of {killed_bytes}"
+    );
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.map(|e| {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            dir_bytes(&p)
+        } else {
+            std::fs::metadata(&p).unwrap().len()
+        }
+    })
+    .sum()
+}

@@ -60,6 +60,10 @@ impl Ctx {
                 .clone()
                 .or_else(|| self.settings.repository.cache_dir.clone()),
             compression_level: self.settings.repository.compression,
+            index_flush_secs: std::env::var("PGCAIRN_INDEX_FLUSH_SECS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(OpenOptions::default().index_flush_secs),
             ..OpenOptions::default()
         }
     }

@@ -78,6 +78,9 @@ pub struct OpenOptions {
     pub io_depth: usize,
     /// Decrypted index pages kept in memory.
     pub index_page_cache: usize,
+    /// A writer indexes its uploaded packs at least this often, so that a
+    /// writer killed mid-way leaves its packs findable for the next run.
+    pub index_flush_secs: u64,
     /// Override the repository's default compression level.
     pub compression_level: Option<i32>,
     /// Keep the unlocked master key in `<cache>/<repo-id>/master.key`
@@ -96,6 +99,7 @@ impl Default for OpenOptions {
                 .unwrap_or(2),
             io_depth: 4,
             index_page_cache: 256,
+            index_flush_secs: 60,
             compression_level: None,
             key_cache: false,
         }

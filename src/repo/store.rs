@@ -85,6 +85,8 @@ pub struct Writer {
     packers: tokio::sync::Mutex<Packers>,
     uploads: tokio::sync::Mutex<JoinSet<Result<Uploaded>>>,
     unindexed: Mutex<Vec<(PackInfo, Vec<PackEntry>)>>,
+    /// When this writer last wrote an index object.
+    last_index: Mutex<std::time::Instant>,
     /// Streams being stored right now; `commit` requires none.
     in_flight: std::sync::atomic::AtomicUsize,
 }
@@ -133,6 +135,7 @@ impl Writer {
             uploads: tokio::sync::Mutex::new(JoinSet::new()),
             unindexed: Mutex::new(Vec::new()),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
+            last_index: Mutex::new(std::time::Instant::now()),
         })
     }
 
@@ -247,11 +250,17 @@ impl Writer {
     async fn upload(&self, b: PackBuilder) -> Result<()> {
         let inner = self.shared.inner.clone();
         let mut uploads = self.uploads.lock().await;
+        while let Some(done) = uploads.try_join_next() {
+            self.uploaded(done??)?;
+        }
         while uploads.len() >= inner.opts.io_depth.max(1) {
             if let Some(done) = uploads.join_next().await {
                 self.uploaded(done??)?;
             }
         }
+        drop(uploads);
+        self.write_index(false).await?;
+        let mut uploads = self.uploads.lock().await;
         let shared = self.shared.clone();
         uploads.spawn(async move {
             let inner = shared.inner.clone();
@@ -306,7 +315,9 @@ impl Writer {
         let pending: Vec<(PackInfo, Vec<PackEntry>)> = {
             let mut u = lock(&self.unindexed);
             let n: usize = u.iter().map(|(_, e)| e.len()).sum();
-            if u.is_empty() || (!all && n < INDEX_FLUSH_ENTRIES) {
+            let due = lock(&self.last_index).elapsed().as_secs()
+                >= self.shared.inner.opts.index_flush_secs;
+            if u.is_empty() || (!all && n < INDEX_FLUSH_ENTRIES && !due) {
                 return Ok(());
             }
             std::mem::take(&mut *u)
@@ -328,6 +339,7 @@ impl Writer {
         .await?;
         inner.index.add_written(&name, &bytes).await?;
         lock(&self.shared.stats).index_objects_written += 1;
+        *lock(&self.last_index) = std::time::Instant::now();
         Ok(())
     }
 

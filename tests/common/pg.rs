@@ -228,16 +228,26 @@ pub struct Cairn {
 
 impl Cairn {
     pub fn new(dir: &Path) -> Cairn {
+        Cairn::with_init(dir, &[])
+    }
+
+    pub fn with_init(dir: &Path, init_args: &[&str]) -> Cairn {
         let c = Cairn {
             repo: dir.join("repo").to_string_lossy().to_string(),
             cache: dir.join("cache"),
         };
-        let o = c.run(&["init"], &[("PGCAIRN_NEW_PASSPHRASE", "test-pass")]);
+        let mut args = vec!["init"];
+        args.extend_from_slice(init_args);
+        let o = c.run(&args, &[("PGCAIRN_NEW_PASSPHRASE", "test-pass")]);
         assert!(o.status.success(), "init: {}", text(&o));
         c
     }
 
     pub fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        self.command(args, env).output().expect("pgcairn")
+    }
+
+    pub fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
         let mut c = as_user(env!("CARGO_BIN_EXE_pgcairn"));
         c.args(args)
             .env("PGCAIRN_REPO", &self.repo)
@@ -253,7 +263,7 @@ impl Cairn {
             // runuser resets nothing we set, but HOME must be the user's.
             c.env("HOME", "/tmp");
         }
-        c.output().expect("pgcairn")
+        c
     }
 
     pub fn ok(&self, args: &[&str]) -> String {
