@@ -438,3 +438,93 @@ fn target_timeline_is_validated_against_archived_history() {
         "timeline 2 forked before b"
     );
 }
+
+/// archive-push accepts only what it can vouch for, and never overwrites.
+#[test]
+fn archive_push_refuses_what_does_not_fit() {
+    let dir = user_dir();
+    let d = dir.path();
+    let cairn = Cairn::new(d);
+    let mut a = Cluster::init(d, "a", &[]);
+    a.append_conf("wal_keep_size = '1GB'\n");
+    a.start();
+    a.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 10000) g");
+    let name = a.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    a.psql("SELECT pg_switch_wal()");
+    a.stop();
+    let seg = std::fs::read(a.pgdata.join("pg_wal").join(&name)).unwrap();
+    let work = d.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    chown(&work);
+    let put = |file: &str, bytes: &[u8]| {
+        let p = work.join(file);
+        std::fs::write(&p, bytes).unwrap();
+        chown(&p);
+        cairn.run(&["archive-push", "--server", "a", p.to_str().unwrap()], &[])
+    };
+    // The real segment, twice: both succeed.
+    assert!(put(&name, &seg).status.success());
+    let o = put(&name, &seg);
+    assert!(o.status.success(), "{}", text(&o));
+    // Truncated: refused, naming the size.
+    let o = put(&name, &seg[..seg.len() / 2]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("bytes"), "{}", text(&o));
+    // Under another segment's name: the page address does not match.
+    let mut other = name.clone();
+    other.replace_range(23..24, if &name[23..24] == "9" { "8" } else { "9" });
+    let o = put(&other, &seg);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("WAL position"), "{}", text(&o));
+    // Same name, different content: refused, nothing overwritten.
+    let mut changed = seg.clone();
+    changed[seg.len() - 100] ^= 1;
+    let o = put(&name, &changed);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("different content"), "{}", text(&o));
+    let back = d.join("back");
+    let o = cairn.run(
+        &[
+            "archive-get",
+            "--server",
+            "a",
+            &name,
+            back.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        std::fs::read(&back).unwrap() == seg,
+        "the first content stays"
+    );
+    // Another cluster's WAL under this server name: refused.
+    let mut b = Cluster::init(d, "b", &[]);
+    b.append_conf("wal_keep_size = '1GB'\n");
+    b.start();
+    let bname = b.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    b.psql("SELECT pg_switch_wal()");
+    b.stop();
+    let bseg = std::fs::read(b.pgdata.join("pg_wal").join(&bname)).unwrap();
+    let o = put(&bname, &bseg);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("cluster"), "{}", text(&o));
+    // Two different .partial files of one name: both kept, with a warning.
+    let partial = format!("{name}.partial");
+    assert!(put(&partial, &seg).status.success());
+    let o = put(&partial, &changed);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("WARNING") && text(&o).contains("stored as"),
+        "{}",
+        text(&o)
+    );
+    // Not a WAL file name at all.
+    let o = put("postgresql.conf", b"x");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("not a WAL archive file name"),
+        "{}",
+        text(&o)
+    );
+}
