@@ -86,6 +86,10 @@ pub struct ArchivePushArgs {
     pub server: ServerArg,
     /// The file, as PostgreSQL's %p (relative to the data directory).
     pub path: std::path::PathBuf,
+    /// Also push up to N other `.ready` WAL files in parallel, so that
+    /// PostgreSQL's later calls for them return at once (0 turns it off).
+    #[arg(long, default_value_t = 4)]
+    pub lookahead: usize,
 }
 
 #[derive(Debug, Args)]

@@ -528,3 +528,79 @@ fn archive_push_refuses_what_does_not_fit() {
         text(&o)
     );
 }
+
+#[test]
+fn archive_push_looks_ahead_and_rechecks_records() {
+    let dir = user_dir();
+    let d = dir.path();
+    let cairn = Cairn::new(d);
+    let mut c = Cluster::init(d, "la", &[]);
+    // Archiving "fails" for now, so segments pile up as .ready.
+    c.append_conf("archive_mode = on\narchive_command = 'false'\nwal_keep_size = '1GB'\n");
+    c.start();
+    let mut names = Vec::new();
+    for i in 0..5 {
+        c.psql(&format!(
+            "CREATE TABLE t{i} AS SELECT g FROM generate_series(1, 1000) g"
+        ));
+        names.push(c.psql("SELECT pg_walfile_name(pg_current_wal_lsn())"));
+        c.psql("SELECT pg_switch_wal()");
+    }
+    let wal = c.pgdata.join("pg_wal");
+    for n in &names {
+        assert!(
+            wal.join("archive_status")
+                .join(format!("{n}.ready"))
+                .exists(),
+            "{n} not ready"
+        );
+    }
+    let push = |n: &str| {
+        cairn.run(
+            &[
+                "archive-push",
+                "--server",
+                "la",
+                wal.join(n).to_str().unwrap(),
+                "--lookahead",
+                "8",
+            ],
+            &[],
+        )
+    };
+    let o = push(&names[0]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        o.stdout.is_empty() && o.stderr.is_empty(),
+        "quiet on success: {}",
+        text(&o)
+    );
+    // names[3] went along with names[0]: it is in the repository.
+    cairn.ok(&[
+        "archive-get",
+        "--server",
+        "la",
+        &names[3],
+        d.join("x").to_str().unwrap(),
+    ]);
+    // The archive_status files are PostgreSQL's: still .ready.
+    assert!(wal
+        .join("archive_status")
+        .join(format!("{}.ready", names[1]))
+        .exists());
+    // Later calls are answered from the records: the WAL archive itself is
+    // not read (here: unreadable).
+    let wal_manifests = std::path::Path::new(&cairn.repo).join("manifests/wal");
+    std::fs::set_permissions(&wal_manifests, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let o1 = push(&names[1]);
+    std::fs::set_permissions(&wal_manifests, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(o1.status.success(), "{}", text(&o1));
+    // A record is re-checked against the file's content.
+    let mut changed = std::fs::read(wal.join(&names[2])).unwrap();
+    let n = changed.len();
+    changed[n - 10] ^= 1;
+    std::fs::write(wal.join(&names[2]), &changed).unwrap();
+    let o2 = push(&names[2]);
+    assert_eq!(o2.status.code(), Some(1), "{}", text(&o2));
+    assert!(text(&o2).contains("different content"), "{}", text(&o2));
+}

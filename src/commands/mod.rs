@@ -52,6 +52,16 @@ impl Ctx {
             .context("no repository: pass --repo, set PGCAIRN_REPO, or set [repository] url in the config file")
     }
 
+    /// The cache directory pgcairn uses (index objects, key cache,
+    /// look-ahead records).
+    pub fn cache_root(&self) -> std::path::PathBuf {
+        self.global
+            .cache_dir
+            .clone()
+            .or_else(|| self.settings.repository.cache_dir.clone())
+            .unwrap_or_else(crate::repo::default_cache_root)
+    }
+
     pub fn open_options(&self) -> OpenOptions {
         OpenOptions {
             cache_dir: self

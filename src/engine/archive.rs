@@ -212,3 +212,117 @@ pub async fn get(repo: &Repository, server: &str, file: &str, dest: &Path) -> Re
     result?;
     Ok(GetOutcome::Restored)
 }
+
+/// Where look-ahead records live: outside the data directory (a base
+/// backup must never carry them), per repository and server.
+#[derive(Debug, Clone)]
+pub struct LookAhead {
+    pub records: std::path::PathBuf,
+    /// How many other `.ready` files one call may push (bounded).
+    pub max: usize,
+}
+
+/// What one archive-push call did.
+#[derive(Debug, Clone)]
+pub struct PushReport {
+    pub outcome: PushOutcome,
+    /// Other files pushed ahead of PostgreSQL's own calls.
+    pub ahead: Vec<String>,
+}
+
+fn record_text(sysid: u64, hash: &blake3::Hash) -> String {
+    format!("{sysid} {}\n", hash.to_hex())
+}
+
+fn write_record(dir: &Path, file: &str, text: &str) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| EngineError::io(format!("creating {}", dir.display()), e))?;
+    let tmp = dir.join(format!(".{file}.{}", std::process::id()));
+    std::fs::write(&tmp, text)
+        .map_err(|e| EngineError::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, dir.join(file))
+        .map_err(|e| EngineError::io(format!("renaming into {}", dir.display()), e))
+}
+
+/// archive-push with look-ahead: a file pushed ahead by an earlier call is
+/// answered from its record once its content hash still matches (the record
+/// was written only after the file's manifest was committed); otherwise the
+/// file is pushed, and then up to `max` other `.ready` files next to it.
+/// archive_status files are never renamed: PostgreSQL does that.
+pub async fn push_with_lookahead(
+    repo: &Repository,
+    server: &str,
+    path: &Path,
+    la: &LookAhead,
+) -> Result<PushReport> {
+    let file = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    if let (Some(sysid), Ok(data)) = (registered_sysid(repo, server).await?, std::fs::read(path)) {
+        let rec = la.records.join(&file);
+        if let Ok(text) = std::fs::read_to_string(&rec) {
+            if text == record_text(sysid, &blake3::hash(&data)) {
+                let _ = std::fs::remove_file(&rec);
+                return Ok(PushReport {
+                    outcome: PushOutcome::AlreadyArchived,
+                    ahead: Vec::new(),
+                });
+            }
+            // Content changed since it was pushed ahead: push it for real.
+            let _ = std::fs::remove_file(&rec);
+        }
+    }
+    let outcome = push(repo, server, path).await?;
+    let mut ahead = Vec::new();
+    if la.max == 0 {
+        return Ok(PushReport { outcome, ahead });
+    }
+    let wal_dir = path.parent().unwrap_or(Path::new("."));
+    let status = wal_dir.join("archive_status");
+    let mut ready: Vec<String> = match std::fs::read_dir(&status) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".ready"))
+                    .map(str::to_string)
+            })
+            .filter(|n| *n != file && !la.records.join(n).exists())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    ready.sort();
+    ready.truncate(la.max.min(64));
+    let results: Vec<(String, Result<PushOutcome>)> =
+        futures::future::join_all(ready.into_iter().map(|n| {
+            let p = wal_dir.join(&n);
+            async move {
+                let r = push(repo, server, &p).await;
+                (n, r)
+            }
+        }))
+        .await;
+    let sysid = registered_sysid(repo, server).await?;
+    for (n, r) in results {
+        // A file that fails here is pushed (and reported) when PostgreSQL asks.
+        if let (Ok(PushOutcome::Stored | PushOutcome::AlreadyArchived), Some(sysid)) = (r, sysid) {
+            if let Ok(data) = std::fs::read(wal_dir.join(&n)) {
+                write_record(&la.records, &n, &record_text(sysid, &blake3::hash(&data)))?;
+                ahead.push(n);
+            }
+        }
+    }
+    // Forget records of files PostgreSQL has already recycled.
+    if let Ok(rd) = std::fs::read_dir(&la.records) {
+        for e in rd.filter_map(|e| e.ok()) {
+            let n = e.file_name().to_string_lossy().to_string();
+            if !n.starts_with('.') && !wal_dir.join(&n).exists() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(PushReport { outcome, ahead })
+}

@@ -134,7 +134,8 @@ fn validate_mark_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-fn default_cache_root() -> PathBuf {
+/// `$PGCAIRN_CACHE_DIR`, `$XDG_CACHE_HOME/pgcairn`, `~/.cache/pgcairn`.
+pub fn default_cache_root() -> PathBuf {
     if let Ok(d) = std::env::var("PGCAIRN_CACHE_DIR") {
         return PathBuf::from(d);
     }
