@@ -100,6 +100,10 @@ pub struct ArchiveGetArgs {
     pub file: String,
     /// Where to put it (%p).
     pub dest: std::path::PathBuf,
+    /// Fetch the next N segments into a local spool in parallel, so that
+    /// recovery is not one round trip per segment (0 turns it off).
+    #[arg(long, default_value_t = 4)]
+    pub prefetch: usize,
 }
 
 #[derive(Debug, Clone, Args)]

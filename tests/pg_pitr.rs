@@ -603,4 +603,52 @@ fn archive_push_looks_ahead_and_rechecks_records() {
     let o2 = push(&names[2]);
     assert_eq!(o2.status.code(), Some(1), "{}", text(&o2));
     assert!(text(&o2).contains("different content"), "{}", text(&o2));
+
+    // archive-get prefetches the next segments into its spool.
+    let get = |n: &str, dest: &std::path::Path| {
+        cairn.run(
+            &[
+                "archive-get",
+                "--server",
+                "la",
+                n,
+                dest.to_str().unwrap(),
+                "--prefetch",
+                "4",
+            ],
+            &[],
+        )
+    };
+    let out = d.join("got");
+    assert_eq!(get(&names[0], &out).status.code(), Some(0));
+    // With the WAL archive unreadable, a spooled segment is still served,
+    // checked; one not spooled is an error (255), never "absent".
+    std::fs::set_permissions(&wal_manifests, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let o = get(&names[1], &out);
+    let missing = get("0000000100000000000000FE", &out);
+    std::fs::set_permissions(&wal_manifests, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(wal.join(&names[1])).unwrap());
+    assert_eq!(missing.status.code(), Some(255), "{}", text(&missing));
+    // A damaged spool file is not served: the repository's copy is.
+    let spooled = find(std::path::Path::new(&cairn.cache), &names[3]).expect("names[3] spooled");
+    let mut bytes = std::fs::read(&spooled).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&spooled, &bytes).unwrap();
+    assert_eq!(get(&names[3], &out).status.code(), Some(0));
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(wal.join(&names[3])).unwrap());
+}
+
+fn find(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    for e in std::fs::read_dir(dir).ok()? {
+        let p = e.ok()?.path();
+        if p.is_dir() {
+            if let Some(f) = find(&p, name) {
+                return Some(f);
+            }
+        } else if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+    }
+    None
 }

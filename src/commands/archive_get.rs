@@ -8,13 +8,21 @@ use anyhow::Result;
 
 use super::Ctx;
 use crate::cli::ArchiveGetArgs;
-use crate::engine::archive::{get, GetOutcome};
+use crate::engine::archive::{get_with_prefetch, GetOutcome, Spool};
 
 /// Returns the exit code: 0 restored, 1 confirmed absent.
 pub async fn run(ctx: &Ctx, a: ArchiveGetArgs) -> Result<u8> {
     let server = ctx.server_name(&a.server)?;
     let repo = ctx.open_cached().await?;
-    match get(&repo, &server, &a.file, &a.dest).await? {
+    let spool = Spool {
+        dir: ctx
+            .cache_root()
+            .join(repo.config().repo_id_hex())
+            .join("spool")
+            .join(&server),
+        max: a.prefetch,
+    };
+    match get_with_prefetch(&repo, &server, &a.file, &a.dest, &spool).await? {
         GetOutcome::Restored => Ok(0),
         GetOutcome::Absent => Ok(1),
     }
