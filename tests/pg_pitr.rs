@@ -258,6 +258,44 @@ fn archive_get_exit_codes_and_storage_faults_stop_recovery() {
         "{log}"
     );
     assert!(!log.contains("selected new timeline ID"), "{log}");
+
+    // A fault on a segment alone: the .history probe is answered (absent),
+    // the segment fetch fails, and PostgreSQL stops there.
+    let restored2 = d.join("restored2");
+    cairn.ok(&[
+        "restore",
+        "--server",
+        "main",
+        "latest",
+        restored2.to_str().unwrap(),
+        "--target-action",
+        "promote",
+        "--cache-dir",
+        cairn.cache.to_str().unwrap(),
+    ]);
+    // Empty the spool the earlier calls may have filled, so every segment
+    // must come from the repository.
+    for e in std::fs::read_dir(&cairn.cache).unwrap() {
+        let spool = e.unwrap().path().join("spool");
+        if spool.exists() {
+            std::fs::remove_dir_all(spool).unwrap();
+        }
+    }
+    let tl1 = wal_dir.join("main").join("00000001");
+    std::fs::set_permissions(&tl1, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let mut r2 = Cluster::existing(&restored2, d, "restored2");
+    let o = r2.try_start();
+    std::fs::set_permissions(&tl1, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = r2.log_text();
+    assert!(
+        !o.status.success() || !promoted(&r2),
+        "recovery must not promote on a segment fault:\n{log}"
+    );
+    assert!(
+        log.contains("could not restore file \"00000001") && log.contains("exit code 255"),
+        "{log}"
+    );
+    assert!(!log.contains("selected new timeline ID"), "{log}");
 }
 
 fn promoted(c: &Cluster) -> bool {
@@ -651,4 +689,69 @@ fn find(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
         }
     }
     None
+}
+
+/// Every recovery target, each restored and started for real.
+#[test]
+fn every_recovery_target() {
+    let dir = user_dir();
+    let d = dir.path();
+    let cairn = Cairn::new(d);
+    let mut src = Cluster::init(d, "src", &[]);
+    archiving(&src, &cairn, d);
+    src.start();
+    src.psql("CREATE TABLE r (v int)");
+    let pgdata = src.pgdata.to_string_lossy().to_string();
+    cairn.ok(&[
+        "backup",
+        "--server",
+        "main",
+        "--pgdata",
+        &pgdata,
+        "--conninfo",
+        &src.conninfo(),
+        "--fast-checkpoint",
+    ]);
+    let xid1 = src.psql("BEGIN; INSERT INTO r VALUES (1); SELECT txid_current(); COMMIT;");
+    let xid1 = xid1
+        .lines()
+        .find(|l| l.chars().all(|c| c.is_ascii_digit()) && !l.is_empty())
+        .unwrap()
+        .to_string();
+    let lsn1 = src.psql("SELECT pg_current_wal_insert_lsn()");
+    src.psql("SELECT pg_create_restore_point('before_two')");
+    src.psql("INSERT INTO r VALUES (2)");
+    src.psql("INSERT INTO r VALUES (3)");
+    let seg = src.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    src.psql("SELECT pg_switch_wal()");
+    wait_archived(&src, &seg);
+
+    let mut n = 0;
+    let mut restore = |args: &[&str]| -> String {
+        n += 1;
+        let target = d.join(format!("t{n}"));
+        let mut full = vec![
+            "restore",
+            "--server",
+            "main",
+            "latest",
+            target.to_str().unwrap(),
+            "--target-action",
+            "promote",
+        ];
+        full.extend_from_slice(args);
+        cairn.ok(&full);
+        let mut c = Cluster::existing(&target, d, &format!("t{n}"));
+        c.start();
+        wait_promoted(&c);
+        let rows = c.psql("SELECT coalesce(string_agg(v::text, ',' ORDER BY v), '') FROM r");
+        c.stop();
+        rows
+    };
+    assert_eq!(restore(&["--target-xid", &xid1]), "1");
+    assert_eq!(restore(&["--target-xid", &xid1, "--target-exclusive"]), "");
+    assert_eq!(restore(&["--target-lsn", &lsn1]), "1");
+    assert_eq!(restore(&["--target-name", "before_two"]), "1");
+    assert_eq!(restore(&["--target-immediate"]), "");
+    assert_eq!(restore(&[]), "1,2,3", "no target: the end of the archive");
 }
