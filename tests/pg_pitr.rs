@@ -281,7 +281,13 @@ fn archive_get_exit_codes_and_storage_faults_stop_recovery() {
             std::fs::remove_dir_all(spool).unwrap();
         }
     }
-    let tl1 = wal_dir.join("main").join("00000001");
+    let cluster_dir = std::fs::read_dir(wal_dir.join("main"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let tl1 = cluster_dir.join("00000001");
     std::fs::set_permissions(&tl1, std::fs::Permissions::from_mode(0o000)).unwrap();
     let mut r2 = Cluster::existing(&restored2, d, "restored2");
     let o = r2.try_start();

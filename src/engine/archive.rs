@@ -85,9 +85,14 @@ pub async fn push(repo: &Repository, server: &str, path: &Path) -> Result<PushOu
             sysid = Some(h.system_identifier);
         }
     }
+    let sysid = sysid.ok_or_else(|| {
+        EngineError::Refused(format!(
+            "{file}: server {server} is not registered in this repository yet; archive a WAL segment or take a backup first"
+        ))
+    })?;
     let hash = blake3::hash(&data);
     let tl = timeline_of(&kind);
-    let mut name = wal_name(server, tl, &file);
+    let mut name = wal_name(server, sysid, tl, &file);
     let mut outcome = PushOutcome::Stored;
     if let Some(existing) = archived_hash(repo, &name).await? {
         if existing == *hash.as_bytes() {
@@ -97,7 +102,7 @@ pub async fn push(repo: &Repository, server: &str, path: &Path) -> Result<PushOu
             // Two promotions from one timeline: keep both rather than stall
             // archiving forever.
             let alt = format!("{file}.{}", &hash.to_hex()[..16]);
-            name = wal_name(server, tl, &alt);
+            name = wal_name(server, sysid, tl, &alt);
             if archived_hash(repo, &name).await? == Some(*hash.as_bytes()) {
                 return Ok(PushOutcome::AlreadyArchived);
             }
@@ -124,7 +129,7 @@ pub async fn push(repo: &Repository, server: &str, path: &Path) -> Result<PushOu
     })?;
     let meta = WalMeta {
         server: server.into(),
-        system_identifier: sysid.unwrap_or(0),
+        system_identifier: sysid,
         file: file.clone(),
         size,
         archived: now_unix(),
@@ -165,7 +170,11 @@ pub async fn get(repo: &Repository, server: &str, file: &str, dest: &Path) -> Re
     let kind = WalFile::parse(file, 16 << 20)
         .or_else(|| WalFile::parse(file, 1 << 30))
         .ok_or_else(|| EngineError::Refused(format!("{file}: not a WAL archive file name")))?;
-    let name = wal_name(server, timeline_of(&kind), file);
+    // No cluster registered under this name: a direct lookup says so.
+    let Some(sysid) = registered_sysid(repo, server).await? else {
+        return Ok(GetOutcome::Absent);
+    };
+    let name = wal_name(server, sysid, timeline_of(&kind), file);
     let m = match repo.read_manifest(&name).await {
         Ok(m) => m,
         Err(RepoError::NotFound { key }) if key.ends_with(&name) => return Ok(GetOutcome::Absent),

@@ -370,10 +370,9 @@ pub async fn run(
         wait_for_archive(
             repo,
             &opts.server,
-            timeline,
+            &info,
             &start_wal,
             &stop_wal,
-            seg_size,
             opts.wal_timeout,
         )
         .await?;
@@ -432,12 +431,13 @@ pub async fn run(
 async fn wait_for_archive(
     repo: &Repository,
     server: &str,
-    timeline: u32,
+    info: &crate::pg::conn::ServerInfo,
     start: &str,
     stop: &str,
-    seg_size: u64,
     timeout: Duration,
 ) -> Result<()> {
+    let (sysid, timeline, seg_size) =
+        (info.system_identifier, info.timeline, info.wal_segment_size);
     let deadline = Instant::now() + timeout;
     let first = crate::pg::wal::WalFile::parse(start, seg_size);
     let last = crate::pg::wal::WalFile::parse(stop, seg_size);
@@ -450,13 +450,13 @@ async fn wait_for_archive(
             "unexpected WAL range {start}..{stop}"
         )));
     };
-    let prefix = wal_name(server, timeline, "");
+    let prefix = wal_name(server, sysid, timeline, "");
     loop {
         let have: std::collections::HashSet<String> =
             repo.list_manifests(&prefix).await?.into_iter().collect();
         let missing: Vec<String> = (a..=b)
             .map(|s| segment_name(timeline, s, seg_size))
-            .filter(|n| !have.contains(&wal_name(server, timeline, n)))
+            .filter(|n| !have.contains(&wal_name(server, sysid, timeline, n)))
             .collect();
         if missing.is_empty() {
             return Ok(());

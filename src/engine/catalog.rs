@@ -5,7 +5,7 @@
 //! ```text
 //! manifests/servers/<server>                      the cluster registered under a name
 //! manifests/backups/<server>/<backup-id>          a base backup
-//! manifests/wal/<server>/<timeline>/<file-name>   an archived WAL file
+//! manifests/wal/<server>/<sysid>/<timeline>/<file> an archived WAL file
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -24,10 +24,17 @@ pub fn backups_prefix(server: &str) -> String {
     format!("backups/{server}/")
 }
 
-/// WAL manifests are grouped by timeline so that a timeline's files list
-/// together; history files live under timeline 0.
-pub fn wal_name(server: &str, timeline: u32, file: &str) -> String {
-    format!("wal/{server}/{timeline:08X}/{file}")
+/// WAL manifests are grouped by cluster and timeline. The name is the
+/// manifest's AEAD context, so it binds server, system identifier and file
+/// name: a WAL file cannot be passed off as another cluster's or another
+/// file's. History files live under their own timeline.
+pub fn wal_name(server: &str, sysid: u64, timeline: u32, file: &str) -> String {
+    format!("wal/{server}/{sysid}/{timeline:08X}/{file}")
+}
+
+/// Every WAL manifest of one cluster under `server`.
+pub fn wal_prefix(server: &str, sysid: u64) -> String {
+    format!("wal/{server}/{sysid}/")
 }
 
 /// Server and backup names: what manifest names allow, one segment.

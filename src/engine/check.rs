@@ -41,12 +41,13 @@ fn failed(name: &str, detail: impl Into<String>, hint: impl Into<String>) -> Che
 async fn archived_within(
     repo: &Repository,
     server: &str,
+    sysid: u64,
     timeline: u32,
     file: &str,
     timeout: Duration,
 ) -> Result<bool> {
-    let name = wal_name(server, timeline, file);
-    let prefix = wal_name(server, timeline, "");
+    let name = wal_name(server, sysid, timeline, file);
+    let prefix = wal_name(server, sysid, timeline, "");
     let deadline = Instant::now() + timeout;
     loop {
         if repo.list_manifests(&prefix).await?.contains(&name) {
@@ -116,7 +117,16 @@ pub async fn run(
         session.commit_marker().await?;
         let lsn = session.switch_wal().await?;
         let file = session.walfile_name(lsn).await?;
-        if archived_within(repo, server, info.timeline, &file, timeout).await? {
+        if archived_within(
+            repo,
+            server,
+            info.system_identifier,
+            info.timeline,
+            &file,
+            timeout,
+        )
+        .await?
+        {
             out.push(ok(
                 "wal archiving",
                 format!("{file} arrived in the repository after a forced WAL switch"),
@@ -154,10 +164,12 @@ pub async fn run(
                 return Ok(out);
             };
             let tl = b.meta.timeline;
-            let have = repo.list_manifests(&wal_name(server, tl, "")).await?;
+            let have = repo
+                .list_manifests(&wal_name(server, b.meta.system_identifier, tl, ""))
+                .await?;
             let missing: Vec<String> = (a..=z)
                 .map(|s| segment_name(tl, s, seg))
-                .filter(|n| !have.contains(&wal_name(server, tl, n)))
+                .filter(|n| !have.contains(&wal_name(server, b.meta.system_identifier, tl, n)))
                 .collect();
             if missing.is_empty() {
                 out.push(ok(

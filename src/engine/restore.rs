@@ -312,7 +312,7 @@ pub async fn check_timeline(
     requested: Option<&str>,
 ) -> Result<u32> {
     use crate::pg::timeline::{parse_history, reachable};
-    let prefix = format!("wal/{}/", meta.server);
+    let prefix = super::catalog::wal_prefix(&meta.server, meta.system_identifier);
     let mut histories: Vec<(u32, String)> = Vec::new();
     for name in repo.list_manifests(&prefix).await? {
         if let Some(file) = name.rsplit('/').next() {
