@@ -94,7 +94,7 @@ cleanup() {
   if [ -n "$RESTORED_PG" ] && [ -f "$RESTORED_PG/postmaster.pid" ]; then
     "${RUN[@]}" "$PGBIN/pg_ctl" -D "$RESTORED_PG" -m immediate stop >/dev/null 2>&1 || true
   fi
-  [ "$SRC_UP" = 1 ] && { "${RUN[@]}" "$PGBIN/pg_ctl" -D "$PG" -m immediate stop >/dev/null 2>&1 || true; }
+  if [ "$SRC_UP" = 1 ]; then "${RUN[@]}" "$PGBIN/pg_ctl" -D "$PG" -m immediate stop >/dev/null 2>&1 || true; fi
   if [ "$KEEP" = 1 ]; then log "kept $W"; else rm -rf "$W"; fi
   exit $rc
 }
@@ -104,7 +104,7 @@ trap 'log "error at line $LINENO (exit $?)"' ERR
 mkdir -p "$W/home" "$T" "$RESTORES" "$W/label" "$W/pgcairn-cache" "$W/restic-cache" "$W/pbr-log" "$W/pbr-lock" "$W/pbr-spool"
 install -m 755 "$TARGET_DIR/release/pgcairn" "$W/pgcairn"
 BIN=$W/pgcairn
-[ "$(id -u)" = 0 ] && chown -R pgcairn-test: "$W"
+if [ "$(id -u)" = 0 ]; then chown -R pgcairn-test: "$W"; fi
 
 free_port() {
   python3 - "$@" <<'PY'
@@ -131,7 +131,7 @@ rss_kb() { awk -F': ' '/Maximum resident set size/ {print $2}' "$1"; }
 PASSFILE=$W/passphrase
 head -c 24 /dev/urandom | base64 > "$PASSFILE"
 chmod 600 "$PASSFILE"
-[ "$(id -u)" = 0 ] && chown pgcairn-test: "$PASSFILE"
+if [ "$(id -u)" = 0 ]; then chown pgcairn-test: "$PASSFILE"; fi
 CREPO=$W/pgcairn-repo
 CAIRN=("$BIN" --repo "$CREPO" --cache-dir "$W/pgcairn-cache" --passphrase-file "$PASSFILE")
 PBR_CONF=$W/pgbackrest.conf
@@ -217,7 +217,7 @@ pg1-socket-path=$W
 pg1-user=bench_backup
 CONF
 chmod 600 "$PBR_CONF"
-[ "$(id -u)" = 0 ] && chown pgcairn-test: "$PBR_CONF"
+if [ "$(id -u)" = 0 ]; then chown pgcairn-test: "$PBR_CONF"; fi
 as "${RESTIC[@]}" init >/dev/null
 as "${PBR[@]}" stanza-create >/dev/null
 ARCHIVE_CMD="${CAIRN[*]} archive-push --server bench %p && ${PBR[*]} archive-push %p"
@@ -288,7 +288,7 @@ backup_pgcairn() {
     --pgdata "$PG" --conninfo "host=$W port=$PORT user=bench_backup dbname=postgres" --fast-checkpoint --jobs 2)
   t1=$(now)
   new=$(as "${CAIRN[@]}" show --server bench latest --format json | python3 -c 'import json,sys; print(json.load(sys.stdin)["new_bytes_stored"])')
-  record pgcairn "$day" "$t0" "$t1" "$T/pgcairn-$day" "$new" "own: ${line#backup }"
+  record pgcairn "$day" "$t0" "$t1" "$T/pgcairn-$day" "$new" "${line#backup }"
 }
 
 backup_pgbackrest() {
@@ -317,7 +317,8 @@ SELECT pg_backup_start('restic day $day', true);
 \! sh $W/restic-copy.sh
 SELECT labelfile FROM pg_backup_stop(false) \g $W/label/backup_label
 SQL
-  chmod 755 "$W/restic-copy.sh"; [ "$(id -u)" = 0 ] && chown pgcairn-test: "$W/restic-copy.sh" "$W/restic-backup.sql"
+  chmod 755 "$W/restic-copy.sh"
+  if [ "$(id -u)" = 0 ]; then chown pgcairn-test: "$W/restic-copy.sh" "$W/restic-backup.sql"; fi
   t0=$(now)
   as "$PGBIN/psql" -X -A -t -q -v ON_ERROR_STOP=1 -h "$W" -p "$PORT" -U bench_backup -d postgres -f "$W/restic-backup.sql" >/dev/null
   # Exit status 3: a file vanished while restic read it (a dropped table); the snapshot is still made.
