@@ -139,7 +139,7 @@ sql "CHECKPOINT"
 DATA_MB=$(du -sm --exclude=pg_wal "$PGDATA" | cut -f1)
 
 # --- day 0 ---------------------------------------------------------------------------------------
-log "day 0: chunking $DATA_MB MB with 12 chunkers"
+log "day 0: chunking $DATA_MB MB with every chunker"
 "$TOOL" day --dir "$PGDATA" --exclude pg_wal --state "$STATE" --day 0
 
 # --- one day of churn ----------------------------------------------------------------------------
@@ -187,7 +187,7 @@ fi
 sql "SELECT pg_relation_filepath(c.oid) || ' ' || c.relname FROM pg_class c
        WHERE pg_relation_filepath(c.oid) IS NOT NULL" > "$WORK/relnames.txt"
 REPORT=$("$TOOL" report --state "$STATE" --names "$WORK/relnames.txt" \
-           --breakdown cdc-64K,cdc-256K,cdc-1M,cdc-2M,fixed-64K)
+           --breakdown cdc-256K,cdc-1M,fixed-8K,fixed-16K,fixed-32K,fixed-64K)
 
 PGVER=$(sql "SHOW server_version")
 {

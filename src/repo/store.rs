@@ -36,6 +36,50 @@ use super::pack::{
 };
 use super::Inner;
 
+/// How a stream is cut into chunks.
+#[derive(Debug, Clone, Copy)]
+enum Cutting {
+    /// FastCDC with the repository's sizes and keyed gear seed.
+    ContentDefined,
+    /// Every `n` bytes (the last chunk may be shorter).
+    Fixed(usize),
+}
+
+/// Chunks of exactly `block` bytes (the last one shorter), however the
+/// reader splits its reads.
+fn fixed_blocks<R: Read>(
+    mut reader: R,
+    block: usize,
+) -> impl Iterator<Item = std::io::Result<Vec<u8>>> {
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        let mut buf = vec![0u8; block];
+        let mut filled = 0;
+        while filled < block {
+            match reader.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        if filled < block {
+            done = true;
+            if filled == 0 {
+                return None;
+            }
+            buf.truncate(filled);
+        }
+        Some(Ok(buf))
+    })
+}
+
 /// Flush an index object once this many entries await one.
 const INDEX_FLUSH_ENTRIES: usize = 64 * 1024;
 
@@ -145,18 +189,43 @@ impl Writer {
 
     /// Store everything `reader` yields as data chunks.
     pub async fn store_reader<R: Read + Send + 'static>(&self, reader: R) -> Result<StoredStream> {
-        self.store(reader, ChunkKind::Data).await
+        self.store(reader, ChunkKind::Data, Cutting::ContentDefined)
+            .await
+    }
+
+    /// Store a stream of fixed-size records that change in place (database
+    /// pages): cut at every `block` bytes, so a changed record re-stores
+    /// only its own block, never its neighbours. `block` must lie within
+    /// the repository's chunk size bounds' maximum.
+    pub async fn store_blocks<R: Read + Send + 'static>(
+        &self,
+        reader: R,
+        block: usize,
+    ) -> Result<StoredStream> {
+        let max = self.shared.inner.config.chunker.max_size as usize;
+        if block == 0 || block > max {
+            return Err(RepoError::Task(format!(
+                "block size {block} outside 1..={max} bytes"
+            )));
+        }
+        self.store(reader, ChunkKind::Data, Cutting::Fixed(block))
+            .await
     }
 
     pub async fn store_bytes(&self, data: Vec<u8>) -> Result<StoredStream> {
-        self.store(std::io::Cursor::new(data), ChunkKind::Data)
-            .await
+        self.store(
+            std::io::Cursor::new(data),
+            ChunkKind::Data,
+            Cutting::ContentDefined,
+        )
+        .await
     }
 
     async fn store<R: Read + Send + 'static>(
         &self,
         reader: R,
         kind: ChunkKind,
+        cutting: Cutting,
     ) -> Result<StoredStream> {
         self.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -169,17 +238,24 @@ impl Writer {
         let chunker = tokio::task::spawn_blocking(move || {
             let mut hasher = blake3::Hasher::new();
             let mut total = 0u64;
-            for c in stream_chunker(reader, &params, seed) {
+            let chunks: Box<dyn Iterator<Item = std::io::Result<Vec<u8>>>> = match cutting {
+                Cutting::ContentDefined => Box::new(
+                    stream_chunker(reader, &params, seed)
+                        .map(|c| c.map(|c| c.data).map_err(Into::into)),
+                ),
+                Cutting::Fixed(block) => Box::new(fixed_blocks(reader, block)),
+            };
+            for c in chunks {
                 match c {
-                    Ok(cd) => {
-                        hasher.update(&cd.data);
-                        total += cd.data.len() as u64;
-                        if tx.blocking_send(Ok(cd.data)).is_err() {
+                    Ok(data) => {
+                        hasher.update(&data);
+                        total += data.len() as u64;
+                        if tx.blocking_send(Ok(data)).is_err() {
                             break;
                         }
                     }
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(e.into()));
+                        let _ = tx.blocking_send(Err(e));
                         break;
                     }
                 }
@@ -361,7 +437,11 @@ impl Writer {
         let body_len = body.len() as u64;
         let body_hash = ChunkId(*blake3::hash(&body).as_bytes());
         let stored = self
-            .store(std::io::Cursor::new(body), ChunkKind::Meta)
+            .store(
+                std::io::Cursor::new(body),
+                ChunkKind::Meta,
+                Cutting::ContentDefined,
+            )
             .await?;
         self.flush().await?;
         self.rescue_condemned(manifest, &stored.chunks).await?;
@@ -694,5 +774,34 @@ pub fn manifest(name: impl Into<String>, meta: ciborium::Value, entries: Vec<Ent
         created: now_unix(),
         meta,
         entries,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader that hands out at most 3 bytes per call, like a pipe.
+    struct Trickle<'a>(&'a [u8]);
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(3).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn fixed_blocks_are_exact_whatever_the_reads() {
+        let data: Vec<u8> = (0..100u8).collect();
+        let blocks: Vec<Vec<u8>> = fixed_blocks(Trickle(&data), 32)
+            .collect::<std::io::Result<_>>()
+            .unwrap();
+        let lens: Vec<usize> = blocks.iter().map(Vec::len).collect();
+        assert_eq!(lens, vec![32, 32, 32, 4]);
+        assert_eq!(blocks.concat(), data);
+        assert_eq!(fixed_blocks(Trickle(&[]), 32).count(), 0);
+        assert_eq!(fixed_blocks(Trickle(&data[..64]), 32).count(), 2);
     }
 }

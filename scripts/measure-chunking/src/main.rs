@@ -35,6 +35,9 @@ use fastcdc::v2020::{FastCDC, Normalization};
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
 const AVG_SIZES: [usize; 6] = [64 * KIB, 128 * KIB, 256 * KIB, 512 * KIB, MIB, 2 * MIB];
+/// Fixed, page-aligned block sizes: down to one 8 KiB page, since scattered updates touch
+/// single pages and a larger block re-stores its untouched neighbours.
+const FIXED_SIZES: [usize; 6] = [8 * KIB, 16 * KIB, 32 * KIB, 64 * KIB, 256 * KIB, MIB];
 const ZSTD_LEVELS: [i32; 6] = [1, 2, 3, 6, 9, 15];
 /// zstd level used for the dedup/repository-size table.
 const REPO_LEVEL: i32 = 3;
@@ -144,7 +147,7 @@ fn all_chunkers() -> Vec<Chunker> {
         .iter()
         .map(|&avg| Chunker { kind: Kind::Cdc, avg })
         .collect();
-    v.extend(AVG_SIZES.iter().map(|&avg| Chunker { kind: Kind::Fixed, avg }));
+    v.extend(FIXED_SIZES.iter().map(|&avg| Chunker { kind: Kind::Fixed, avg }));
     v
 }
 
@@ -717,7 +720,7 @@ fn cmd_report(args: &Args) {
     if let Some(last) = later.last() {
         let labels: Vec<String> = args
             .one("breakdown")
-            .unwrap_or("cdc-64K,cdc-256K,cdc-1M,fixed-64K")
+            .unwrap_or("cdc-256K,cdc-1M,fixed-8K,fixed-16K,fixed-32K,fixed-64K")
             .split(',')
             .map(str::to_string)
             .collect();
