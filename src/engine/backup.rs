@@ -454,6 +454,7 @@ async fn wait_for_archive(
     let (sysid, timeline, seg_size) =
         (info.system_identifier, info.timeline, info.wal_segment_size);
     let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(50);
     let first = crate::pg::wal::WalFile::parse(start, seg_size);
     let last = crate::pg::wal::WalFile::parse(stop, seg_size);
     let (
@@ -484,6 +485,9 @@ async fn wait_for_archive(
                 missing.join(", ")
             )));
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Poll quickly at first (the segment is usually moments away),
+        // then back off to once a second.
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }

@@ -80,16 +80,21 @@ async fn write_file(
         w.flush()
             .map_err(io(format!("writing {}", tmp.display())))?;
     }
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(io(format!("chmod {}", tmp.display())))?;
-    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(mtime.max(0) as u64);
-    f.set_modified(t)
-        .map_err(io(format!("setting mtime of {}", tmp.display())))?;
-    f.sync_all()
-        .map_err(io(format!("fsync {}", tmp.display())))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io(format!("renaming into {}", path.display())))?;
-    Ok(())
+    // fsync can take a while on a large file: keep it off the async workers.
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(io(format!("chmod {}", tmp.display())))?;
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(mtime.max(0) as u64);
+        f.set_modified(t)
+            .map_err(io(format!("setting mtime of {}", tmp.display())))?;
+        f.sync_all()
+            .map_err(io(format!("fsync {}", tmp.display())))?;
+        drop(f);
+        std::fs::rename(&tmp, &path).map_err(io(format!("renaming into {}", path.display())))
+    })
+    .await
+    .map_err(|e| EngineError::Refused(format!("restore task failed: {e}")))?
 }
 
 pub async fn run(

@@ -70,6 +70,43 @@ pub struct SealedChunk {
     pub raw_length: u32,
 }
 
+thread_local! {
+    /// One zstd context per worker thread: creating a context per chunk
+    /// costs more than compressing a 32 KiB chunk.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(data: &[u8], level: i32) -> Result<Vec<u8>> {
+    let failed = |e: std::io::Error| RepoError::Task(format!("zstd compression failed: {e}"));
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = Some((level, zstd::bulk::Compressor::new(level).map_err(failed)?));
+        }
+        match c.as_mut() {
+            Some((_, z)) => z.compress(data).map_err(failed),
+            None => Err(RepoError::Task("zstd context missing".into())),
+        }
+    })
+}
+
+/// Decompress at most `max_len` bytes.
+fn decompress(payload: &[u8], max_len: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match d.as_mut() {
+            Some(z) => z.decompress(payload, max_len),
+            None => Err(std::io::Error::other("zstd context missing")),
+        }
+    })
+}
+
 /// Compress (when it helps) and seal one chunk. CPU work: run on a worker.
 pub fn seal_chunk(
     sealer: &Sealer,
@@ -79,8 +116,7 @@ pub fn seal_chunk(
     data: &[u8],
     level: i32,
 ) -> Result<SealedChunk> {
-    let compressed = zstd::bulk::compress(data, level)
-        .map_err(|e| RepoError::Task(format!("zstd compression failed: {e}")))?;
+    let compressed = compress(data, level)?;
     let mut plain = Vec::with_capacity(1 + compressed.len().min(data.len()));
     if compressed.len() < data.len() {
         plain.push(1);
@@ -107,6 +143,8 @@ pub struct ChunkKeys<'a> {
 }
 
 /// Open, decompress and re-hash one chunk; the id must match what was asked.
+/// `max_len` bounds the plaintext (pass the indexed raw length when known:
+/// it is also the buffer reserved).
 pub fn open_chunk(
     keys: &ChunkKeys<'_>,
     entry_kind: ChunkKind,
@@ -126,7 +164,7 @@ pub fn open_chunk(
         .ok_or_else(|| RepoError::corrupt(&what, "empty chunk"))?;
     let data = match flag {
         0 => payload.to_vec(),
-        1 => zstd::bulk::decompress(payload, max_len)
+        1 => decompress(payload, max_len)
             .map_err(|e| RepoError::corrupt(&what, format!("zstd: {e}")))?,
         f => return Err(RepoError::corrupt(&what, format!("unknown chunk flag {f}"))),
     };

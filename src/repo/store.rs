@@ -558,6 +558,7 @@ async fn fetch_chunk(inner: &Arc<Inner>, id: &ChunkId, loc: &Location) -> Result
     let inner2 = inner.clone();
     let id = *id;
     let kind = loc.kind;
+    let raw = loc.raw_length;
     let max = inner.config.chunker.max_size as usize;
     tokio::task::spawn_blocking(move || {
         let keys = ChunkKeys {
@@ -565,7 +566,7 @@ async fn fetch_chunk(inner: &Arc<Inner>, id: &ChunkId, loc: &Location) -> Result
             repo_id: &inner2.repo_id,
             id_key: &inner2.keys.chunk_id,
         };
-        open_chunk(&keys, kind, &id, &blob, max, &object)
+        open_chunk(&keys, kind, &id, &blob, (raw as usize).min(max), &object)
     })
     .await?
 }
@@ -682,7 +683,14 @@ async fn read_run(inner: &Arc<Inner>, run: Run) -> Result<Vec<Vec<u8>>> {
                         let b = blob
                             .get(at..at + l.length as usize)
                             .ok_or_else(|| RepoError::corrupt(&object, "short ranged read"))?;
-                        open_chunk(&keys, l.kind, &r.0, b, max, &object)
+                        open_chunk(
+                            &keys,
+                            l.kind,
+                            &r.0,
+                            b,
+                            (l.raw_length as usize).min(max),
+                            &object,
+                        )
                     })
                     .collect::<Result<Vec<_>>>()
             })
