@@ -62,11 +62,28 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Check repository, connection, archiving and the newest backup's WAL.
     Check(CheckArgs),
+    /// Prove backups restorable: every referenced chunk indexed and stored,
+    /// every backup's WAL archived; `--read-data` re-hashes stored data.
+    Verify(VerifyArgs),
     /// archive_command: store one WAL file (`pgcairn archive-push %p`).
     ArchivePush(ArchivePushArgs),
     /// restore_command: fetch one WAL file (`pgcairn archive-get %f %p`).
     /// Exits 1 only when the file is confirmed absent, 255 on any failure.
     ArchiveGet(ArchiveGetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// Verify only this backup (an id or `latest`); default: every backup.
+    pub id: Option<String>,
+    /// Also download, authenticate, decompress and re-hash stored data:
+    /// all of it, or PERCENT of the pack bytes per run, continuing where the
+    /// last run stopped so that repeated runs cover everything.
+    #[arg(long, value_name = "PERCENT", num_args = 0..=1, default_missing_value = "100",
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub read_data: Option<u8>,
 }
 
 #[derive(Debug, Args)]

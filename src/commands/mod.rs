@@ -12,6 +12,7 @@ pub mod list;
 pub mod progress;
 pub mod restore;
 pub mod show;
+pub mod verify;
 
 use anyhow::{Context, Result};
 
@@ -175,6 +176,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::List(a) => list::run(&ctx, a).await,
         Command::Show(a) => show::run(&ctx, a).await,
         Command::Restore(a) => restore::run(&ctx, a).await,
+        Command::Verify(a) => return verify::run(&ctx, a).await,
     }?;
     Ok(0)
 }

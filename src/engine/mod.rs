@@ -7,6 +7,7 @@ pub mod backup;
 pub mod catalog;
 pub mod check;
 pub mod restore;
+pub mod verify;
 
 use thiserror::Error;
 

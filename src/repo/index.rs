@@ -212,6 +212,62 @@ impl IndexSet {
         Ok(())
     }
 
+    /// Like `refresh`, but every object is read from the store again, and
+    /// one that cannot be read or fails its checks is left out and reported
+    /// instead of failing the whole load (for `verify`, which names every
+    /// damaged object). A failed listing is still an error.
+    pub async fn refresh_reporting(&self) -> Result<Vec<(String, RepoError)>> {
+        let listed = backend::list(&*self.backend, INDEX_PREFIX).await?;
+        let mut bad = Vec::new();
+        let mut fresh = Vec::new();
+        for o in &listed {
+            let Some(name) = o.key.strip_prefix(INDEX_PREFIX) else {
+                continue;
+            };
+            match self.load_object_from(name, o.size, false).await {
+                Ok(l) => fresh.push(Arc::new(l)),
+                Err(e) => bad.push((o.key.clone(), e)),
+            }
+        }
+        *self.write_loaded() = fresh;
+        Ok(bad)
+    }
+
+    /// Visit every entry of every loaded index object: (index object key,
+    /// chunk id, location, pack size as indexed). A page that fails its
+    /// checks is reported per object and skipped.
+    pub fn scan(
+        &self,
+        mut f: impl FnMut(&str, &ChunkId, &Location, u64),
+    ) -> Vec<(String, RepoError)> {
+        let loaded: Vec<Arc<Loaded>> = self.read_loaded().clone();
+        let mut bad = Vec::new();
+        for l in loaded {
+            let object = index_object(&l.name);
+            for no in 0..l.dir.pages.len() as u32 {
+                let page = match self.read_page(&l, no) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        bad.push((object.clone(), e));
+                        break;
+                    }
+                };
+                for e in page.iter() {
+                    let p = &l.dir.packs[e.pack as usize];
+                    let loc = Location {
+                        pack: p.id,
+                        kind: e.kind,
+                        offset: e.offset,
+                        length: e.length,
+                        raw_length: e.raw_length,
+                    };
+                    f(&object, &e.id, &loc, p.size);
+                }
+            }
+        }
+        bad
+    }
+
     /// Add an index object this process just wrote.
     pub async fn add_written(&self, name: &str, bytes: &[u8]) -> Result<()> {
         if self.read_loaded().iter().any(|l| l.name == name) {
@@ -258,10 +314,16 @@ impl IndexSet {
     }
 
     async fn load_object(&self, name: &str, size: u64) -> Result<Loaded> {
+        self.load_object_from(name, size, true).await
+    }
+
+    /// `use_cache = false` re-reads the stored object (verify checks what a
+    /// fresh machine would read, not this machine's copy).
+    async fn load_object_from(&self, name: &str, size: u64, use_cache: bool) -> Result<Loaded> {
         let object = index_object(name);
         let path = self.cache_path(name);
         // Cached copies were verified against their name when fetched.
-        if let Ok(meta) = std::fs::metadata(&path) {
+        if let Some(meta) = use_cache.then(|| std::fs::metadata(&path).ok()).flatten() {
             if meta.len() == size {
                 let bytes = read_tail(&path, &object)?;
                 if let Ok(dir) = self.read_directory_tail(&bytes.0, bytes.1, &object) {

@@ -19,6 +19,7 @@ pub mod lease;
 pub mod manifest;
 pub mod pack;
 pub mod store;
+pub mod verify;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -449,6 +450,12 @@ impl Repository {
     pub async fn read_manifest(&self, name: &str) -> Result<Manifest> {
         let doc = self.read_manifest_doc(name).await?;
         self.inner.index.refresh().await?;
+        self.read_entries(name, doc).await
+    }
+
+    /// The entry list of an opened manifest document, with the index as
+    /// currently loaded.
+    pub(crate) async fn read_entries(&self, name: &str, doc: ManifestDoc) -> Result<Manifest> {
         let mut body = Vec::with_capacity(doc.body_len as usize);
         store::read_refs(&self.inner, &doc.body, &mut body).await?;
         let object = manifest_object(name);

@@ -1,0 +1,185 @@
+//! `verify`: the repository's own checks (every referenced chunk indexed
+//! and in a sound pack; with `--read-data`, re-hashed), then what they mean
+//! for PostgreSQL: each backup restorable or not, and why (its files, or
+//! the WAL from its start to its stop).
+
+use std::collections::{BTreeSet, HashSet};
+
+use serde::Serialize;
+
+use super::catalog::{backup_name, backups_prefix, from_value, wal_name, wal_prefix, BackupRef};
+use super::Result;
+use crate::pg::wal::{segment_name, WalFile};
+use crate::repo::verify::{VerifyOptions, VerifyProgress, VerifyReport};
+use crate::repo::Repository;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupStatus {
+    pub server: String,
+    pub backup_id: String,
+    /// Restorable to its end point: its files read back and the WAL from
+    /// its start to its stop is in the archive (or inside the backup).
+    pub restorable: bool,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyResult {
+    pub repository: VerifyReport,
+    pub backups: Vec<BackupStatus>,
+}
+
+impl VerifyResult {
+    /// Sound only when every check found nothing.
+    pub fn is_clean(&self) -> bool {
+        self.repository.is_clean() && self.backups.iter().all(|b| b.restorable)
+    }
+}
+
+/// Verify one backup (`Some(server), Some(id)`), one server's backups, or
+/// the whole repository.
+pub async fn run(
+    repo: &Repository,
+    server: Option<&str>,
+    id: Option<&str>,
+    read_data_percent: Option<u8>,
+    progress: &dyn VerifyProgress,
+) -> Result<VerifyResult> {
+    // A backup manifest that cannot be read is a finding, not a reason to
+    // stop: list names, then read each one's metadata.
+    let prefix = server.map_or_else(|| "backups/".to_string(), backups_prefix);
+    let mut backups: Vec<BackupRef> = Vec::new();
+    let mut unreadable: Vec<BackupStatus> = Vec::new();
+    for name in repo.list_manifests(&prefix).await? {
+        let meta = match repo.manifest_meta(&name).await {
+            Ok(v) => from_value(&v, &name),
+            Err(e) => Err(e),
+        };
+        match meta {
+            Ok(meta) => backups.push(BackupRef { name, meta }),
+            Err(e) => {
+                let mut parts = name.splitn(3, '/').skip(1);
+                let srv = parts.next().unwrap_or_default().to_string();
+                let bid = parts.next().unwrap_or_default().to_string();
+                if id.is_none_or(|i| i == bid) {
+                    unreadable.push(BackupStatus {
+                        server: srv,
+                        backup_id: bid,
+                        restorable: false,
+                        problems: vec![format!("its manifest cannot be read: {e}")],
+                    });
+                }
+            }
+        }
+    }
+    backups.sort_by(|a, b| {
+        (a.meta.stop_time, &a.meta.backup_id).cmp(&(b.meta.stop_time, &b.meta.backup_id))
+    });
+    if let Some(id) = id {
+        backups.retain(|b| b.meta.backup_id == id);
+        if backups.is_empty() && unreadable.is_empty() {
+            return Err(super::EngineError::Refused(format!(
+                "no backup {id} of server {} in {} (see `pgcairn list`)",
+                server.unwrap_or("?"),
+                repo.location()
+            )));
+        }
+    }
+    // The WAL each backup needs, by manifest name.
+    let mut wal_names: BTreeSet<String> = BTreeSet::new();
+    let mut listed: HashSet<String> = HashSet::new();
+    let mut listed_prefixes: HashSet<String> = HashSet::new();
+    let mut needs: Vec<Vec<String>> = Vec::new();
+    for b in &backups {
+        let m = &b.meta;
+        let prefix = wal_prefix(&m.server, m.system_identifier);
+        if listed_prefixes.insert(prefix.clone()) {
+            listed.extend(repo.list_manifests(&prefix).await?);
+        }
+        let mut need = Vec::new();
+        let seg = m.wal_segment_size;
+        match (
+            WalFile::parse(&m.start_wal, seg),
+            WalFile::parse(&m.stop_wal, seg),
+        ) {
+            (
+                Some(WalFile::Segment { timeline, segno: a }),
+                Some(WalFile::Segment { segno: z, .. }),
+            ) => {
+                for segno in a..=z {
+                    let file = segment_name(timeline, segno, seg);
+                    if !m.included_wal.contains(&file) {
+                        need.push(wal_name(&m.server, m.system_identifier, timeline, &file));
+                    }
+                }
+            }
+            _ => need.push(format!(
+                "(unreadable WAL range {}..{})",
+                m.start_wal, m.stop_wal
+            )),
+        }
+        wal_names.extend(need.iter().filter(|n| listed.contains(*n)).cloned());
+        needs.push(need);
+    }
+    let manifests = match (server, id) {
+        (None, None) => None,
+        _ => Some(
+            backups
+                .iter()
+                .map(|b| backup_name(&b.meta.server, &b.meta.backup_id))
+                .chain(
+                    unreadable
+                        .iter()
+                        .map(|b| backup_name(&b.server, &b.backup_id)),
+                )
+                .chain(wal_names.iter().cloned())
+                .collect(),
+        ),
+    };
+    let report = repo
+        .verify(
+            &VerifyOptions {
+                manifests,
+                read_data_percent,
+            },
+            progress,
+        )
+        .await?;
+    let mut statuses: Vec<BackupStatus> = backups
+        .iter()
+        .zip(needs)
+        .map(|(b, need)| {
+            let name = backup_name(&b.meta.server, &b.meta.backup_id);
+            let mut problems = Vec::new();
+            if report.damaged.contains(&name) {
+                problems.push("its files cannot be read in full (see the problems above)".into());
+            }
+            let missing: Vec<&String> = need.iter().filter(|n| !listed.contains(*n)).collect();
+            if let (Some(first), n) = (missing.first(), missing.len()) {
+                problems.push(format!(
+                    "{n} WAL file(s) between its start and stop are not archived (first: {first})"
+                ));
+            }
+            let damaged: Vec<&String> = need
+                .iter()
+                .filter(|n| report.damaged.contains(*n))
+                .collect();
+            if let (Some(first), n) = (damaged.first(), damaged.len()) {
+                problems.push(format!(
+                    "{n} WAL file(s) between its start and stop are damaged (first: {first})"
+                ));
+            }
+            BackupStatus {
+                server: b.meta.server.clone(),
+                backup_id: b.meta.backup_id.clone(),
+                restorable: problems.is_empty(),
+                problems,
+            }
+        })
+        .collect();
+    statuses.extend(unreadable);
+    Ok(VerifyResult {
+        repository: report,
+        backups: statuses,
+    })
+}

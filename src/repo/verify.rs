@@ -1,0 +1,388 @@
+//! Proving a repository readable: every chunk a manifest references is in
+//! an index and in a pack of the indexed size (always), and, with
+//! `read_data`, every blob of (a share of) the packs authenticates,
+//! decompresses and hashes back to its id.
+//!
+//! Problems are collected, not returned as the first error: a scheduled
+//! verify must name every damaged object and every manifest it breaks, so
+//! that the operator knows what still restores.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::backend;
+use super::error::{RepoError, Result};
+use super::format::{ChunkId, PackId};
+use super::index::Location;
+use super::manifest::manifest_object;
+use super::pack::{open_chunk, pack_id_from_key, pack_object, read_table, ChunkKeys};
+use super::Repository;
+
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Manifests to check; every manifest when `None`.
+    pub manifests: Option<Vec<String>>,
+    /// Read this share (1..=100 %) of the pack bytes in full. Successive
+    /// runs continue where the last one stopped (a cursor in the local
+    /// cache), so repeated partial runs cover every pack.
+    pub read_data_percent: Option<u8>,
+}
+
+/// One damaged or missing object, and the manifests it breaks.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    pub object: String,
+    pub problem: String,
+    pub affects: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    pub manifests_checked: u64,
+    pub chunks_referenced: u64,
+    pub index_objects: u64,
+    pub packs_indexed: u64,
+    /// Packs present but in no index: a writer's packs not yet indexed, or
+    /// a killed writer's leftovers that the collector removes.
+    pub packs_unindexed: u64,
+    pub packs_read: u64,
+    pub chunks_read: u64,
+    pub bytes_read: u64,
+    pub read_data_percent: Option<u8>,
+    pub problems: Vec<Problem>,
+    /// Manifests that cannot be read in full.
+    pub damaged: BTreeSet<String>,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Progress callbacks; the library prints nothing.
+pub trait VerifyProgress: Send + Sync {
+    fn reading(&self, _total_bytes: u64) {}
+    fn read(&self, _bytes: u64) {}
+}
+
+impl VerifyProgress for () {}
+
+#[derive(Default)]
+struct Problems(BTreeMap<String, Problem>);
+
+impl Problems {
+    fn add(&mut self, object: impl Into<String>, problem: impl Into<String>) {
+        let object = object.into();
+        self.0.entry(object.clone()).or_insert_with(|| Problem {
+            object,
+            problem: problem.into(),
+            affects: BTreeSet::new(),
+        });
+    }
+    fn affects(&mut self, object: &str, manifest: &str) {
+        if let Some(p) = self.0.get_mut(object) {
+            p.affects.insert(manifest.to_string());
+        }
+    }
+}
+
+impl Repository {
+    pub async fn verify(
+        &self,
+        opts: &VerifyOptions,
+        progress: &dyn VerifyProgress,
+    ) -> Result<VerifyReport> {
+        let inner = &self.inner;
+        let b = &*inner.backend;
+        let mut report = VerifyReport {
+            read_data_percent: opts.read_data_percent,
+            ..Default::default()
+        };
+        let mut problems = Problems::default();
+
+        // Index objects: load what can be loaded, name the rest.
+        for (object, e) in inner.index.refresh_reporting().await? {
+            problems.add(object, e.to_string());
+        }
+        let stored: HashMap<PackId, u64> = backend::list(b, "packs/")
+            .await?
+            .into_iter()
+            .filter_map(|o| pack_id_from_key(&o.key).map(|id| (id, o.size)))
+            .collect();
+        let mut locs: HashMap<ChunkId, Vec<Location>> = HashMap::new();
+        let mut indexed: HashMap<PackId, u64> = HashMap::new();
+        let mut index_objects = HashSet::new();
+        let index = inner.index.clone();
+        let bad_pages = index.scan(|object, id, loc, size| {
+            index_objects.insert(object.to_string());
+            locs.entry(*id).or_default().push(*loc);
+            indexed.insert(loc.pack, size);
+        });
+        for (object, e) in bad_pages {
+            problems.add(object, e.to_string());
+        }
+        report.index_objects = index_objects.len() as u64;
+        report.packs_indexed = indexed.len() as u64;
+        report.packs_unindexed = stored.keys().filter(|p| !indexed.contains_key(p)).count() as u64;
+
+        // Indexed packs must exist with the indexed size.
+        let mut bad_packs: HashSet<PackId> = HashSet::new();
+        for (pack, size) in &indexed {
+            match stored.get(pack) {
+                None => {
+                    problems.add(pack_object(pack), "indexed pack is missing");
+                    bad_packs.insert(*pack);
+                }
+                Some(s) if s != size => {
+                    problems.add(
+                        pack_object(pack),
+                        format!("pack is {s} bytes, the index says {size}"),
+                    );
+                    bad_packs.insert(*pack);
+                }
+                Some(_) => {}
+            }
+        }
+
+        // Read packs in full: every blob authenticates and hashes to its id.
+        let mut bad_copies: HashSet<(ChunkId, PackId)> = HashSet::new();
+        if let Some(pct) = opts.read_data_percent {
+            let chosen = self.choose_packs(&indexed, &bad_packs, pct)?;
+            let total: u64 = chosen.iter().map(|(_, s)| *s).sum();
+            progress.reading(total);
+            let mut reads = futures::stream::iter(chosen.into_iter().map(|(pack, _)| {
+                let repo = self.clone();
+                async move { (pack, repo.read_pack(&pack).await) }
+            }))
+            .buffer_unordered(inner.opts.io_depth.max(1));
+            while let Some((pack, r)) = reads.next().await {
+                let object = pack_object(&pack);
+                match r {
+                    Ok(read) => {
+                        report.packs_read += 1;
+                        report.bytes_read += read.bytes;
+                        report.chunks_read += read.chunks;
+                        progress.read(read.bytes);
+                        if !read.bad.is_empty() {
+                            problems.add(
+                                &object,
+                                format!(
+                                    "{} chunk(s) fail authentication or their hash",
+                                    read.bad.len()
+                                ),
+                            );
+                        }
+                        bad_copies.extend(read.bad.into_iter().map(|id| (id, pack)));
+                        // Every indexed location must be a blob of the table.
+                        if let Some(table) = read.table {
+                            let mut wrong = 0u64;
+                            for (id, ls) in &locs {
+                                for l in ls.iter().filter(|l| l.pack == pack) {
+                                    if !table.contains(&(*id, l.offset, l.length)) {
+                                        bad_copies.insert((*id, pack));
+                                        wrong += 1;
+                                    }
+                                }
+                            }
+                            if wrong > 0 {
+                                problems.add(
+                                    &object,
+                                    format!("{wrong} index entries point where the pack has no such chunk"),
+                                );
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        problems.add(&object, e.to_string());
+                        bad_packs.insert(pack);
+                    }
+                }
+            }
+        }
+
+        // Manifests: every chunk they reference has a sound copy.
+        let names = match &opts.manifests {
+            Some(n) => n.clone(),
+            None => self.list_manifests("").await?,
+        };
+        let healthy = |id: &ChunkId| -> std::result::Result<(), Vec<PackId>> {
+            match locs.get(id) {
+                None => Err(Vec::new()),
+                Some(ls) => {
+                    if ls.iter().any(|l| {
+                        !bad_packs.contains(&l.pack) && !bad_copies.contains(&(*id, l.pack))
+                    }) {
+                        Ok(())
+                    } else {
+                        Err(ls.iter().map(|l| l.pack).collect())
+                    }
+                }
+            }
+        };
+        let mut referenced: HashSet<ChunkId> = HashSet::new();
+        for name in names {
+            report.manifests_checked += 1;
+            let object = manifest_object(&name);
+            let doc = match self.read_manifest_doc(&name).await {
+                Ok(d) => d,
+                Err(e) => {
+                    problems.add(&object, e.to_string());
+                    problems.affects(&object, &name);
+                    continue;
+                }
+            };
+            let mut refs: Vec<ChunkId> = doc.body.iter().map(|r| r.0).collect();
+            let body_ok = refs.iter().all(|id| healthy(id).is_ok());
+            if body_ok {
+                match self.read_entries(&name, doc).await {
+                    Ok(m) => {
+                        refs.extend(m.entries.iter().flat_map(|e| e.chunks.iter().map(|c| c.0)))
+                    }
+                    Err(e) => {
+                        problems.add(&object, format!("entry list unreadable: {e}"));
+                        problems.affects(&object, &name);
+                    }
+                }
+            }
+            let mut missing = 0u64;
+            for id in refs {
+                if !referenced.insert(id) && healthy(&id).is_ok() {
+                    continue;
+                }
+                if let Err(packs) = healthy(&id) {
+                    if packs.is_empty() {
+                        missing += 1;
+                    }
+                    for p in packs {
+                        problems.affects(&pack_object(&p), &name);
+                    }
+                    report.damaged.insert(name.clone());
+                }
+            }
+            if missing > 0 {
+                problems.add(
+                    &object,
+                    format!("{missing} referenced chunk(s) are in no index object"),
+                );
+                problems.affects(&object, &name);
+            }
+        }
+        report.chunks_referenced = referenced.len() as u64;
+        for p in problems.0.values() {
+            report.damaged.extend(p.affects.iter().cloned());
+        }
+        report.problems = problems.0.into_values().collect();
+        Ok(report)
+    }
+
+    /// The packs to read this run: all of them at 100 %, otherwise the next
+    /// `pct` % of the bytes in id order after the saved cursor, wrapping.
+    fn choose_packs(
+        &self,
+        indexed: &HashMap<PackId, u64>,
+        bad: &HashSet<PackId>,
+        pct: u8,
+    ) -> Result<Vec<(PackId, u64)>> {
+        let mut all: Vec<(PackId, u64)> = indexed
+            .iter()
+            .filter(|(p, _)| !bad.contains(p))
+            .map(|(p, s)| (*p, *s))
+            .collect();
+        all.sort();
+        if pct >= 100 || all.is_empty() {
+            return Ok(all);
+        }
+        let path = self.verify_cursor_path();
+        // A missing or unreadable cursor starts from the beginning.
+        let cursor: Option<PackId> = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| hex::decode(t.trim()).ok())
+            .and_then(|v| <[u8; 32]>::try_from(v).ok())
+            .map(ChunkId);
+        let start = cursor.map_or(0, |c| all.partition_point(|(p, _)| *p <= c) % all.len());
+        let total: u64 = all.iter().map(|(_, s)| s).sum();
+        let want = (total as u128 * pct as u128).div_ceil(100) as u64;
+        let mut out = Vec::new();
+        let mut got = 0u64;
+        for i in 0..all.len() {
+            let (p, s) = all[(start + i) % all.len()];
+            out.push((p, s));
+            got += s;
+            if got >= want {
+                break;
+            }
+        }
+        if let Some((last, _)) = out.last() {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| RepoError::io(format!("creating {}", dir.display()), e))?;
+            }
+            std::fs::write(&path, last.to_hex())
+                .map_err(|e| RepoError::io(format!("writing {}", path.display()), e))?;
+        }
+        Ok(out)
+    }
+
+    fn verify_cursor_path(&self) -> PathBuf {
+        super::cache_root(&self.inner.opts)
+            .join(hex::encode(self.inner.repo_id))
+            .join("verify-cursor")
+    }
+
+    /// Download a whole pack, check it against its name, and open every
+    /// blob its table lists.
+    async fn read_pack(&self, pack: &PackId) -> Result<PackRead> {
+        let object = pack_object(pack);
+        let bytes = backend::get(&*self.inner.backend, &object).await?;
+        let inner = self.inner.clone();
+        let pack = *pack;
+        tokio::task::spawn_blocking(move || {
+            if blake3::hash(&bytes).as_bytes() != &pack.0 {
+                return Err(RepoError::corrupt(
+                    &object,
+                    "content does not hash to its name",
+                ));
+            }
+            let table = read_table(&inner.sealer, &inner.repo_id, &bytes, &object)?;
+            let keys = ChunkKeys {
+                sealer: &inner.sealer,
+                repo_id: &inner.repo_id,
+                id_key: &inner.keys.chunk_id,
+            };
+            let max = inner.config.chunker.max_size as usize;
+            let mut bad = Vec::new();
+            for e in &table {
+                let blob = &bytes[e.offset as usize..e.offset as usize + e.length as usize];
+                match open_chunk(
+                    &keys,
+                    e.kind,
+                    &e.id,
+                    blob,
+                    (e.raw_length as usize).min(max),
+                    &object,
+                ) {
+                    Ok(d) if d.len() == e.raw_length as usize => {}
+                    _ => bad.push(e.id),
+                }
+            }
+            Ok(PackRead {
+                bytes: bytes.len() as u64,
+                chunks: table.len() as u64,
+                table: Some(table.iter().map(|e| (e.id, e.offset, e.length)).collect()),
+                bad,
+            })
+        })
+        .await?
+    }
+}
+
+struct PackRead {
+    bytes: u64,
+    chunks: u64,
+    table: Option<HashSet<(ChunkId, u32, u32)>>,
+    bad: Vec<ChunkId>,
+}
