@@ -236,6 +236,15 @@ pub struct InitArgs {
     /// Target pack size in bytes.
     #[arg(long)]
     pub pack_size: Option<u64>,
+    /// Garbage collection's grace period in seconds [default: 172800, 48 h]:
+    /// must exceed the longest backup and the longest restore.
+    #[arg(long)]
+    pub gc_grace_secs: Option<i64>,
+    /// A backup or archive-push running longer than this many seconds
+    /// aborts instead of committing [default: 86400, 24 h]; at most half
+    /// the grace period.
+    #[arg(long)]
+    pub gc_max_writer_secs: Option<i64>,
 }
 
 #[derive(Debug, Subcommand)]

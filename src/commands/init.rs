@@ -27,6 +27,12 @@ pub async fn run(ctx: &Ctx, a: InitArgs) -> Result<()> {
     if let Some(p) = a.pack_size {
         opts.pack_target_size = p;
     }
+    if let Some(g) = a.gc_grace_secs {
+        opts.gc.grace_period_secs = g;
+    }
+    if let Some(w) = a.gc_max_writer_secs {
+        opts.gc.max_writer_secs = w;
+    }
     let pw = match a.encryption {
         EncryptionArg::Repokey => {
             opts.encryption = Encryption::Xchacha20poly1305;

@@ -84,6 +84,25 @@ impl GcParams {
         max_writer_secs: 24 * 3600,
         max_clock_skew_secs: 300,
     };
+
+    /// The protocol's safety rests on a writer giving up well before a
+    /// condemned chunk it might still reference can be swept.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_writer_secs >= 1
+            && self.grace_period_secs >= 2 * self.max_writer_secs
+            && self.max_clock_skew_secs >= 0
+        {
+            Ok(())
+        } else {
+            Err(RepoError::invalid(
+                "gc parameters",
+                format!(
+                    "grace period {} s, max writer {} s: need max writer >= 1 s and a grace period of at least twice the max writer time",
+                    self.grace_period_secs, self.max_writer_secs
+                ),
+            ))
+        }
+    }
 }
 
 /// Everything in `config` but its MAC.

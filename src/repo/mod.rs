@@ -240,6 +240,7 @@ impl Repository {
         opts: OpenOptions,
     ) -> Result<Repository> {
         init.chunker.validate()?;
+        init.gc.validate()?;
         let backend = backend::open(url, true)?;
         match backend.head(config::CONFIG_KEY).await {
             Ok(_) => return Err(RepoError::AlreadyInitialized { url: url.into() }),

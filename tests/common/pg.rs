@@ -207,6 +207,57 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Poll (bounded) until PostgreSQL reports `segment` archived.
+    pub fn wait_archived(&self, segment: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+        loop {
+            let last = self.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+            if last.as_str() >= segment {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{segment} not archived (last {last}):\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Switch to a new WAL segment and wait until the old one is archived.
+    pub fn switch_and_wait(&self) {
+        let seg = self.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+        self.psql("SELECT pg_switch_wal()");
+        self.wait_archived(&seg);
+    }
+}
+
+impl Cairn {
+    /// A passphrase file PostgreSQL's archive_command can read (0600, the
+    /// cluster user's).
+    pub fn passphrase_file(&self, dir: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let pw = dir.join("passphrase");
+        std::fs::write(&pw, "test-pass\n").expect("passphrase file");
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        chown(&pw);
+        pw
+    }
+
+    /// `pgcairn ... archive-push --server main` (without `%p`), as
+    /// PostgreSQL runs it.
+    pub fn archive_push_command(&self, dir: &Path) -> String {
+        format!(
+            "{} --repo {} --cache-dir {} --passphrase-file {} archive-push --server main",
+            env!("CARGO_BIN_EXE_pgcairn"),
+            self.repo,
+            self.cache.display(),
+            self.passphrase_file(dir).display()
+        )
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         if self.running {
