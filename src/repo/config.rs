@@ -203,3 +203,22 @@ impl RepoConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::GcParams;
+
+    #[test]
+    fn gc_parameters_keep_writers_well_inside_the_grace_period() {
+        assert!(GcParams::DEFAULT.validate().is_ok());
+        let p = |g, w| GcParams {
+            grace_period_secs: g,
+            max_writer_secs: w,
+            max_clock_skew_secs: 300,
+        };
+        assert!(p(10, 5).validate().is_ok());
+        assert!(p(9, 5).validate().is_err(), "writer longer than half the grace");
+        assert!(p(10, 0).validate().is_err(), "a writer must get some time");
+        assert!(p(-1, 5).validate().is_err());
+    }
+}
