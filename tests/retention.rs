@@ -306,6 +306,13 @@ fn expire_redundancy_across_a_timeline_switch_with_a_pin() {
     assert!(!has(&after, &meta(&b3, "start_wal")));
     assert!(has(&after, &meta(&b2, "start_wal")));
     assert!(has(&after, &meta(&b2, "stop_wal")));
+    let out = cairn.ok(&["--config", cfg, "list", "--server", "main"]);
+    println!("{out}");
+    assert!(out.contains("main: recoverable from"), "{out}");
+    assert!(out.contains("pinned"), "{out}");
+    let out = cairn.ok(&["--config", cfg, "show", "--server", "main", &b2]);
+    assert!(out.contains("status           pinned"), "{out}");
+    assert!(out.contains(": audit"), "{out}");
     // Running again finds nothing more to do.
     let out = cairn.ok(&[
         "--config", cfg, "expire", "--server", "main", "--format", "json",

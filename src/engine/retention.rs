@@ -10,6 +10,9 @@
 //!   Only backups whose WAL from start to stop is archived count; the others
 //!   are "incomplete" and left alone (`delete` removes them). Pinned backups
 //!   (`pgcairn keep`) are never removed and do not count toward redundancy.
+//! - One departure: a pinned backup keeps only its own WAL (Barman's
+//!   `keep:standalone`), so it never serves as the backup a recovery window
+//!   starts from; the newest unpinned one before the window's start does.
 //!
 //! WAL: every segment, `.partial` and `.backup` file numbered below the
 //! oldest retained backup's start segment goes, on every timeline, except
