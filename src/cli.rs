@@ -65,6 +65,13 @@ pub enum Command {
     /// Prove backups restorable: every referenced chunk indexed and stored,
     /// every backup's WAL archived; `--read-data` re-hashes stored data.
     Verify(VerifyArgs),
+    /// Apply the retention policy: remove obsolete backups, then the WAL no
+    /// retained backup or the promised recovery window needs.
+    Expire(ExpireArgs),
+    /// Remove one backup (an id or `latest`), and WAL only it needed.
+    Delete(DeleteArgs),
+    /// Pin a backup so no retention policy removes it (`--release` unpins).
+    Keep(KeepArgs),
     /// archive_command: store one WAL file (`pgcairn archive-push %p`).
     ArchivePush(ArchivePushArgs),
     /// restore_command: fetch one WAL file (`pgcairn archive-get %f %p`).
@@ -84,6 +91,55 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "PERCENT", num_args = 0..=1, default_missing_value = "100",
           value_parser = clap::value_parser!(u8).range(1..=100))]
     pub read_data: Option<u8>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExpireArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// Print the plan and stop.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Keep the N newest complete backups (overrides retention_policy;
+    /// REDUNDANCY N).
+    #[arg(long, value_name = "N", conflicts_with = "keep_within",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_last: Option<u32>,
+    /// Keep what recovery to any point in this window needs: 7d, 2w, 3m (a
+    /// month is 31 days; overrides retention_policy).
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<String>,
+    /// Overrides minimum_redundancy.
+    #[arg(long, value_name = "N")]
+    pub minimum_redundancy: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// Backup id, or `latest`.
+    pub id: String,
+    /// Delete even if fewer than minimum_redundancy complete backups remain.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the plan and stop.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct KeepArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// Backup id, or `latest`.
+    pub id: String,
+    /// Unpin instead.
+    #[arg(long)]
+    pub release: bool,
+    /// Why it is kept (shown by `show`).
+    #[arg(long, conflicts_with = "release")]
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -22,6 +22,11 @@ pub struct Settings {
 pub struct ServerSettings {
     pub pgdata: Option<PathBuf>,
     pub conninfo: Option<String>,
+    /// `"REDUNDANCY n"` or `"RECOVERY WINDOW OF n DAYS|WEEKS|MONTHS"`
+    /// (Barman's syntax); `expire` applies it, `list` and `show` report it.
+    pub retention_policy: Option<String>,
+    /// Never let retention or `delete` leave fewer complete backups.
+    pub minimum_redundancy: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -5,8 +5,11 @@ pub mod archive_get;
 pub mod archive_push;
 pub mod backup;
 pub mod check;
+pub mod delete;
+pub mod expire;
 pub mod info;
 pub mod init;
+pub mod keep;
 pub mod key;
 pub mod list;
 pub mod progress;
@@ -177,6 +180,9 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Show(a) => show::run(&ctx, a).await,
         Command::Restore(a) => restore::run(&ctx, a).await,
         Command::Verify(a) => return verify::run(&ctx, a).await,
+        Command::Expire(a) => expire::run(&ctx, a).await,
+        Command::Delete(a) => delete::run(&ctx, a).await,
+        Command::Keep(a) => keep::run(&ctx, a).await,
     }?;
     Ok(0)
 }

@@ -2,10 +2,14 @@
 
 use anyhow::Result;
 
+use super::expire::configured_rules;
+use super::list::window_line;
 use super::{human_bytes, Ctx};
 use crate::cli::{Format, ShowArgs};
 use crate::engine::catalog::{from_value, BackupMeta};
+use crate::engine::retention;
 use crate::engine::utc_stamp;
+use crate::repo::format::now_unix;
 
 pub async fn run(ctx: &Ctx, a: ShowArgs) -> Result<()> {
     let server = ctx.server_name(&a.server)?;
@@ -13,6 +17,15 @@ pub async fn run(ctx: &Ctx, a: ShowArgs) -> Result<()> {
     let name = ctx.resolve_backup(&repo, &server, &a.id).await?;
     let meta: BackupMeta = from_value(&repo.manifest_meta(&name).await?, &name)?;
     let info = repo.info().await?;
+    // What retention makes of it, and the server's recovery window.
+    let facts = retention::load(&repo, &server).await?;
+    let bf = facts.backup_facts()?;
+    let rules = configured_rules(ctx, &server)?;
+    let verdict = retention::classify(&bf, &rules, now_unix())
+        .into_iter()
+        .find(|v| v.backup_id == meta.backup_id);
+    let window = facts.window(&repo, &bf).await?;
+    let pin = facts.pins.get(&meta.backup_id);
     let dedup = if meta.new_bytes_stored == 0 {
         f64::INFINITY
     } else {
@@ -33,6 +46,12 @@ pub async fn run(ctx: &Ctx, a: ShowArgs) -> Result<()> {
                 },
             );
             o.insert("repository_dedup_ratio".into(), info.dedup_ratio.into());
+            if let Some(v) = &verdict {
+                o.insert("status".into(), serde_json::to_value(v.status)?);
+                o.insert("status_reason".into(), v.reason.clone().into());
+            }
+            o.insert("pin".into(), serde_json::to_value(pin)?);
+            o.insert("recovery_window".into(), serde_json::to_value(&window)?);
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -42,6 +61,21 @@ pub async fn run(ctx: &Ctx, a: ShowArgs) -> Result<()> {
         meta.backup_id, meta.server
     );
     println!("label            {}", meta.label);
+    if let Some(v) = &verdict {
+        println!("status           {}: {}", v.status, v.reason);
+    }
+    if let Some(p) = pin {
+        println!(
+            "pinned           since {}{}",
+            utc_stamp(p.pinned),
+            if p.note.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", p.note)
+            }
+        );
+    }
+    println!("recovery window  {}", window_line(&server, window.as_ref()));
     println!(
         "started / ended  {} / {}",
         utc_stamp(meta.start_time),

@@ -6,6 +6,7 @@
 //! manifests/servers/<server>                      the cluster registered under a name
 //! manifests/backups/<server>/<backup-id>          a base backup
 //! manifests/wal/<server>/<sysid>/<timeline>/<file> an archived WAL file
+//! manifests/pins/<server>/<backup-id>             a backup no retention policy removes
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,16 @@ pub fn backup_name(server: &str, id: &str) -> String {
 
 pub fn backups_prefix(server: &str) -> String {
     format!("backups/{server}/")
+}
+
+/// A pin (`pgcairn keep`): no entries, created only if absent, deleted to
+/// release it.
+pub fn pin_name(server: &str, id: &str) -> String {
+    format!("pins/{server}/{id}")
+}
+
+pub fn pins_prefix(server: &str) -> String {
+    format!("pins/{server}/")
 }
 
 /// WAL manifests are grouped by cluster and timeline. The name is the

@@ -7,7 +7,9 @@ pub mod backup;
 pub mod catalog;
 pub mod check;
 pub mod restore;
+pub mod retention;
 pub mod verify;
+pub mod walarchive;
 
 use thiserror::Error;
 

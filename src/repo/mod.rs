@@ -615,6 +615,20 @@ impl Repository {
             .map_err(|e| e.into_repo("delete", &object))
     }
 
+    /// Remove a manifest's name. Its chunks stay until `gc` finds them
+    /// unreferenced. A store that answers "not found" gives
+    /// `RepoError::NotFound`; any other failure is an error, never taken for
+    /// success.
+    pub async fn delete_manifest(&self, name: &str) -> Result<()> {
+        manifest::validate_name(name)?;
+        let object = manifest_object(name);
+        self.inner
+            .backend
+            .delete(&object)
+            .await
+            .map_err(|e| e.into_repo("delete", &object))
+    }
+
     /// Record a collector's mark (`gc/marks/<id>`): the first phase of
     /// two-phase deletion. Writers read marks before they commit.
     pub async fn write_mark(&self, mark: &lease::GcMark) -> Result<String> {
