@@ -234,6 +234,12 @@ fn verify_names_damage_and_what_still_restores() {
     let (o, v) = verify_json(&cairn, &[]);
     assert_eq!(o.status.code(), Some(0), "{v:#} {}", text(&o));
     assert_eq!(v["backups"].as_array().unwrap().len(), 2);
+    // The server's recovery window opens at A's end, with no gap.
+    let w = &v["windows"][0];
+    assert_eq!(w["server"], "main", "{v:#}");
+    assert_eq!(w["window"]["from_backup"], a.as_str(), "{v:#}");
+    assert_eq!(w["problems"].as_array().unwrap().len(), 0, "{v:#}");
+    assert!(w["latest_lsn"].is_string(), "{v:#}");
     let (o, v) = verify_json(&cairn, &["--read-data"]);
     assert_eq!(o.status.code(), Some(0), "{v:#} {}", text(&o));
     assert!(
@@ -335,6 +341,48 @@ fn verify_names_damage_and_what_still_restores() {
     assert_eq!(bb["restorable"], false, "{v:#}");
     assert!(
         bb["problems"][0].as_str().unwrap().contains("not archived"),
+        "{v:#}"
+    );
+
+    gap_between_backups_is_named(&cairn, d, &a, &b);
+}
+
+/// A segment archived between two backups deleted: both backups still
+/// restore, but the server's recovery window has a gap, named.
+fn gap_between_backups_is_named(cairn: &Cairn, d: &Path, a: &str, b: &str) {
+    let c = on_copy(cairn, d, "gap");
+    let wal_of = |id: &str, field: &str| -> String {
+        let m: serde_json::Value =
+            serde_json::from_str(&c.ok(&["show", "--server", "main", id, "--format", "json"]))
+                .unwrap();
+        m[field].as_str().unwrap().to_string()
+    };
+    let (a_stop, b_start) = (wal_of(a, "stop_wal"), wal_of(b, "start_wal"));
+    let between = files(&PathBuf::from(&c.repo), "manifests/wal")
+        .into_iter()
+        .find(|w| {
+            let f = w.rsplit('/').next().unwrap();
+            f.len() == 24 && f > a_stop.as_str() && f < b_start.as_str()
+        })
+        .unwrap_or_else(|| panic!("no segment archived between {a_stop} and {b_start}"));
+    std::fs::remove_file(PathBuf::from(&c.repo).join(&between)).unwrap();
+    let segment = between.rsplit('/').next().unwrap().to_string();
+    let (o, v) = verify_json(&c, &[]);
+    assert_eq!(o.status.code(), Some(2), "{v:#}");
+    assert!(
+        v["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["restorable"] == true),
+        "{v:#}"
+    );
+    let problems = v["windows"][0]["problems"].as_array().unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.as_str().unwrap().contains("WAL gap")
+                && p.as_str().unwrap().contains(&segment)),
         "{v:#}"
     );
 }

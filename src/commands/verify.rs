@@ -102,13 +102,35 @@ pub async fn run(ctx: &Ctx, a: VerifyArgs) -> Result<u8> {
             }
         }
     }
+    for w in &result.windows {
+        match (&w.window, &w.latest_lsn) {
+            (Some(win), latest) => println!(
+                "WINDOW  {}: recoverable from {} (end of backup {}, {}) to {} on timeline {}",
+                w.server,
+                crate::engine::utc_stamp(win.earliest_time),
+                win.from_backup,
+                win.earliest_lsn,
+                latest.as_deref().unwrap_or("its end"),
+                win.timeline
+            ),
+            (None, _) => println!("WINDOW  {}: none", w.server),
+        }
+        for p in &w.problems {
+            println!("FAILED  {}: {p}", w.server);
+        }
+    }
     let bad = result.backups.iter().filter(|b| !b.restorable).count();
     if code == 0 {
         println!("verify: OK, {} backup(s) restorable", result.backups.len());
     } else {
         println!(
             "verify: FAILED, {} problem(s); {} of {} backup(s) restorable",
-            r.problems.len(),
+            r.problems.len()
+                + result
+                    .windows
+                    .iter()
+                    .map(|w| w.problems.len())
+                    .sum::<usize>(),
             result.backups.len() - bad,
             result.backups.len()
         );

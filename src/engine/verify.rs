@@ -8,6 +8,7 @@ use std::collections::{BTreeSet, HashSet};
 use serde::Serialize;
 
 use super::catalog::{backup_name, backups_prefix, from_value, wal_name, wal_prefix, BackupRef};
+use super::retention::{self, ServerWindow};
 use super::Result;
 use crate::pg::wal::{segment_name, WalFile};
 use crate::repo::verify::{VerifyOptions, VerifyProgress, VerifyReport};
@@ -23,17 +24,89 @@ pub struct BackupStatus {
     pub problems: Vec<String>,
 }
 
+/// A server's recovery window and what breaks it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowStatus {
+    pub server: String,
+    /// From the end of the oldest backup whose WAL is complete, along the
+    /// newest reachable timeline, to the end of the unbroken archive.
+    pub window: Option<ServerWindow>,
+    /// With a gap, recovery from the oldest backup stops at it; the newest
+    /// complete backup may reach further: its unbroken end.
+    pub latest_lsn: Option<String>,
+    pub latest_segment: Option<String>,
+    pub problems: Vec<String>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyResult {
     pub repository: VerifyReport,
     pub backups: Vec<BackupStatus>,
+    /// Per server, when a whole server or repository was verified.
+    pub windows: Vec<WindowStatus>,
 }
 
 impl VerifyResult {
     /// Sound only when every check found nothing.
     pub fn is_clean(&self) -> bool {
-        self.repository.is_clean() && self.backups.iter().all(|b| b.restorable)
+        self.repository.is_clean()
+            && self.backups.iter().all(|b| b.restorable)
+            && self.windows.iter().all(|w| w.problems.is_empty())
     }
+}
+
+/// The recovery window of one server, with its gaps as problems. A failure
+/// to compute it is a problem too, never "no window".
+async fn window_status(repo: &Repository, server: &str) -> WindowStatus {
+    let mut st = WindowStatus {
+        server: server.to_string(),
+        window: None,
+        latest_lsn: None,
+        latest_segment: None,
+        problems: Vec::new(),
+    };
+    let computed = async {
+        let facts = retention::load(repo, server).await?;
+        let bf = facts.backup_facts()?;
+        let window = facts.window(repo, &bf).await?;
+        let newest = facts
+            .backups
+            .iter()
+            .zip(&bf)
+            .rev()
+            .find(|(_, f)| f.wal_complete)
+            .map(|(b, _)| facts.archive.recoverable_from_backup(&b.meta))
+            .transpose()?;
+        Ok::<_, super::EngineError>((window, newest, facts.backups.len()))
+    }
+    .await;
+    match computed {
+        Err(e) => st
+            .problems
+            .push(format!("its recovery window cannot be computed: {e}")),
+        Ok((window, newest, backups)) => {
+            if window.is_none() && backups > 0 {
+                st.problems.push(
+                    "no backup has its WAL from start to stop: no point in time is recoverable"
+                        .into(),
+                );
+            }
+            if let Some(w) = &window {
+                for g in &w.gaps {
+                    st.problems.push(format!(
+                        "WAL gap {}..{} ({} segment(s) not archived): recovery from backup {} stops before {}; later points are recoverable only from a backup that starts after the gap",
+                        g.first, g.last, g.segments, w.from_backup, g.first
+                    ));
+                }
+            }
+            if let Some(r) = newest {
+                st.latest_lsn = r.contiguous_end_lsn;
+                st.latest_segment = r.contiguous_to;
+            }
+            st.window = window;
+        }
+    }
+    st
 }
 
 /// Verify one backup (`Some(server), Some(id)`), one server's backups, or
@@ -178,8 +251,18 @@ pub async fn run(
         })
         .collect();
     statuses.extend(unreadable);
+    let mut windows = Vec::new();
+    if id.is_none() {
+        let mut servers: Vec<String> = statuses.iter().map(|b| b.server.clone()).collect();
+        servers.sort();
+        servers.dedup();
+        for s in servers {
+            windows.push(window_status(repo, &s).await);
+        }
+    }
     Ok(VerifyResult {
         repository: report,
         backups: statuses,
+        windows,
     })
 }

@@ -217,7 +217,10 @@ mod tests {
             max_clock_skew_secs: 300,
         };
         assert!(p(10, 5).validate().is_ok());
-        assert!(p(9, 5).validate().is_err(), "writer longer than half the grace");
+        assert!(
+            p(9, 5).validate().is_err(),
+            "writer longer than half the grace"
+        );
         assert!(p(10, 0).validate().is_err(), "a writer must get some time");
         assert!(p(-1, 5).validate().is_err());
     }
