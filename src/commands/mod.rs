@@ -5,6 +5,7 @@ pub mod archive_get;
 pub mod archive_push;
 pub mod backup;
 pub mod check;
+pub mod gc;
 pub mod info;
 pub mod init;
 pub mod key;
@@ -177,6 +178,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Show(a) => show::run(&ctx, a).await,
         Command::Restore(a) => restore::run(&ctx, a).await,
         Command::Verify(a) => return verify::run(&ctx, a).await,
+        Command::Gc(a) => gc::run(&ctx, a).await,
     }?;
     Ok(0)
 }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod format;
+pub mod gc;
 pub mod index;
 pub mod keys;
 pub mod lease;
@@ -607,6 +608,18 @@ impl Repository {
             ));
         }
         let object = key_object(id);
+        self.inner
+            .backend
+            .delete(&object)
+            .await
+            .map_err(|e| e.into_repo("delete", &object))
+    }
+
+    /// Delete a manifest. What only it referenced becomes garbage for the
+    /// collector (`gc`). A failed delete is an error, never "done".
+    pub async fn delete_manifest(&self, name: &str) -> Result<(), RepoError> {
+        manifest::validate_name(name)?;
+        let object = manifest_object(name);
         self.inner
             .backend
             .delete(&object)
