@@ -380,7 +380,15 @@ impl Repository {
                 if let Some(l) = lease {
                     // A collector that stalled for a grace period must not
                     // act on what it listed before the stall.
-                    l.check().await?;
+                    l.check().await.map_err(|e| match e {
+                        RepoError::LeaseExpired { age_secs, .. } => RepoError::invalid(
+                            "gc",
+                            format!(
+                                "this collection has run for {age_secs} s, longer than the grace period ({grace} s); it stopped before deleting anything, rerun it"
+                            ),
+                        ),
+                        other => other,
+                    })?;
                 }
             }
             let rewrite = self
@@ -895,5 +903,79 @@ impl Repository {
                 report.leases_removed += 1;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::store::{entry, manifest};
+    use crate::repo::{Encryption, GcParams, InitOptions, OpenOptions};
+
+    async fn repo(dir: &std::path::Path) -> Repository {
+        let init = InitOptions {
+            encryption: Encryption::None,
+            pack_target_size: 64 * 1024,
+            gc: GcParams {
+                grace_period_secs: 3600,
+                ..GcParams::DEFAULT
+            },
+            ..InitOptions::default()
+        };
+        let opts = OpenOptions {
+            cache_dir: Some(dir.join("cache")),
+            ..OpenOptions::default()
+        };
+        let url = dir.join("repo").to_string_lossy().to_string();
+        Repository::init(&url, &init, None, opts).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_younger_than_the_grace_period_is_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = repo(dir.path()).await;
+        let w = r.writer("t").await.unwrap();
+        let s = w.store_bytes(vec![7u8; 300_000]).await.unwrap();
+        w.commit(&manifest(
+            "a/1",
+            ciborium::Value::Null,
+            vec![entry("f", s, ciborium::Value::Null)],
+        ))
+        .await
+        .unwrap();
+        w.finish().await.unwrap();
+        r.delete_manifest("a/1").await.unwrap();
+        let rep = r.gc(&GcOptions::default(), &()).await.unwrap();
+        assert_eq!(rep.manifests, 0);
+        assert_eq!(rep.live_chunks, 0);
+        assert_eq!(rep.packs_condemned, 0, "{rep:?}");
+        assert!(rep.mark.is_none());
+        assert!(rep.pack_bytes_before > 0);
+        assert_eq!(rep.pack_bytes_after, rep.pack_bytes_before);
+        assert!(rep.clock_skew_secs.abs() <= 1, "local store, same clock");
+        // The collector's own lease is gone once it finished.
+        let leases = backend::list(&*r.backend(), LEASES_PREFIX).await.unwrap();
+        assert!(leases.is_empty(), "{leases:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_grace_period_can_be_lengthened_never_shortened() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = repo(dir.path()).await;
+        let short = GcOptions {
+            grace_period_secs: Some(60),
+            ..GcOptions::default()
+        };
+        let e = r.gc(&short, &()).await.unwrap_err();
+        assert!(e.to_string().contains("only be lengthened"), "{e}");
+        assert!(backend::list(&*r.backend(), LEASES_PREFIX)
+            .await
+            .unwrap()
+            .is_empty());
+        let long = GcOptions {
+            grace_period_secs: Some(7200),
+            ..GcOptions::default()
+        };
+        assert_eq!(r.gc(&long, &()).await.unwrap().grace_period_secs, 7200);
     }
 }
