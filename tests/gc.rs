@@ -336,12 +336,12 @@ async fn killed_collector_at_each_step_then_rerun_finishes() {
         let t = local_repo(gc_init(2)).await;
         // One writer session: X (garbage) and Y (live) share packs, so
         // those packs are mostly garbage and get repacked; Z is all garbage.
-        let x = vec![random_bytes(190 * 1024, 31)];
+        let x = random_bytes(190 * 1024, 31);
         let y = vec![random_bytes(40 * 1024, 32)];
         let z = vec![random_bytes(400 * 1024, 33)];
         let keep = vec![random_bytes(100 * 1024, 34)];
         let w = t.repo.writer("test").await.unwrap();
-        let sx = w.store_bytes(x[0].clone()).await.unwrap();
+        let sx = w.store_bytes(x.clone()).await.unwrap();
         let sy = w.store_bytes(y[0].clone()).await.unwrap();
         for (name, s) in [("x", sx), ("y", sy)] {
             w.commit(&manifest(
