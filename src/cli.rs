@@ -72,11 +72,25 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Pin a backup so no retention policy removes it (`--release` unpins).
     Keep(KeepArgs),
+    /// Collect garbage: delete what no backup or WAL file references
+    /// (two-phase, safe while backups and archiving run).
+    Gc(GcArgs),
     /// archive_command: store one WAL file (`pgcairn archive-push %p`).
     ArchivePush(ArchivePushArgs),
     /// restore_command: fetch one WAL file (`pgcairn archive-get %f %p`).
     /// Exits 1 only when the file is confirmed absent, 255 on any failure.
     ArchiveGet(ArchiveGetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Compute and print what a run would do; write and delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Lengthen the repository's grace period (seconds) for this run. It
+    /// cannot be shortened: running backups rely on the configured one.
+    #[arg(long, value_name = "SECS")]
+    pub grace_period: Option<i64>,
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,7 @@ pub mod backup;
 pub mod check;
 pub mod delete;
 pub mod expire;
+pub mod gc;
 pub mod info;
 pub mod init;
 pub mod keep;
@@ -183,6 +184,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Expire(a) => expire::run(&ctx, a).await,
         Command::Delete(a) => delete::run(&ctx, a).await,
         Command::Keep(a) => keep::run(&ctx, a).await,
+        Command::Gc(a) => gc::run(&ctx, a).await,
     }?;
     Ok(0)
 }

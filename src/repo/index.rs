@@ -193,6 +193,19 @@ impl IndexSet {
     /// Bring the set up to date with the repository's `index/` listing:
     /// load new objects, forget removed ones. A failed listing is an error.
     pub async fn refresh(&self) -> Result<()> {
+        // An object listed but gone when fetched was superseded by the
+        // collector, which writes the compacted object first: list again
+        // (a few times) so that the replacement is seen.
+        let mut attempt = 0;
+        loop {
+            match self.refresh_once().await {
+                Err(RepoError::NotFound { .. }) if attempt < 3 => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn refresh_once(&self) -> Result<()> {
         let listed = backend::list(&*self.backend, INDEX_PREFIX).await?;
         let names: HashSet<String> = listed
             .iter()
@@ -266,6 +279,48 @@ impl IndexSet {
             }
         }
         bad
+    }
+
+    /// Names of the index objects as loaded, with their entry counts.
+    pub fn objects(&self) -> Vec<(String, u64)> {
+        self.read_loaded()
+            .iter()
+            .map(|l| (l.name.clone(), l.dir.entries))
+            .collect()
+    }
+
+    /// Visit every entry of one loaded index object (by name, without the
+    /// `index/` prefix): chunk id, location, pack size as indexed. Unlike
+    /// [`IndexSet::scan`], a page that fails its checks is an error: the
+    /// collector must not act on an index it could only partly read.
+    pub fn scan_object(
+        &self,
+        name: &str,
+        mut f: impl FnMut(&ChunkId, &Location, u64),
+    ) -> Result<()> {
+        let l = self
+            .read_loaded()
+            .iter()
+            .find(|l| l.name == name)
+            .cloned()
+            .ok_or_else(|| RepoError::NotFound {
+                key: index_object(name),
+            })?;
+        for no in 0..l.dir.pages.len() as u32 {
+            let page = self.read_page(&l, no)?;
+            for e in page.iter() {
+                let p = &l.dir.packs[e.pack as usize];
+                let loc = Location {
+                    pack: p.id,
+                    kind: e.kind,
+                    offset: e.offset,
+                    length: e.length,
+                    raw_length: e.raw_length,
+                };
+                f(&e.id, &loc, p.size);
+            }
+        }
+        Ok(())
     }
 
     /// Add an index object this process just wrote.

@@ -221,7 +221,14 @@ pub async fn load_marks(b: &DynBackend, s: &Sealer, r: &[u8; 16]) -> Result<Cond
         garbage: HashMap::new(),
     };
     for o in backend::list(&**b, MARKS_PREFIX).await? {
-        let bytes = backend::get(&**b, &o.key).await?;
+        let bytes = match b.get(&o.key).await {
+            Ok(bytes) => bytes,
+            // Swept since the listing: its packs are gone and out of the
+            // index; a writer that deduplicated against them kept the mark
+            // it read at its start.
+            Err(backend::BackendError::NotFound) => continue,
+            Err(e) => return Err(e.into_repo("read", &o.key)),
+        };
         let mark: GcMark = open_doc(s, r, Kind::GcMark, &o.key, &bytes)?;
         for p in mark.packs {
             c.packs.insert(p.pack);

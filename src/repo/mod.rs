@@ -13,6 +13,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod format;
+pub mod gc;
 pub mod index;
 pub mod keys;
 pub mod lease;

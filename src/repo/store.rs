@@ -29,7 +29,7 @@ use super::crypto::chunk_id;
 use super::error::{RepoError, Result};
 use super::format::{now_unix, to_cbor, ChunkId, Kind};
 use super::index::{build_index, index_object, Location, PackInfo};
-use super::lease::{load_marks, seal_doc, Lease};
+use super::lease::{load_marks, seal_doc, Condemned, Lease};
 use super::manifest::{manifest_object, validate_name, ChunkRef, Entry, Manifest, ManifestDoc};
 use super::pack::{
     open_chunk, pack_object, seal_chunk, ChunkKeys, ChunkKind, PackBuilder, PackEntry, SealedChunk,
@@ -125,6 +125,11 @@ struct Packers {
 pub struct Writer {
     shared: Arc<Shared>,
     lease: Option<Lease>,
+    /// Marks as read when the session started, before its first index
+    /// lookup: a mark swept (and deleted) while this writer runs is no
+    /// longer listed at commit, but its packs may still be in the index
+    /// this writer deduplicated against.
+    marks_at_start: Condemned,
     cpu: Arc<Semaphore>,
     packers: tokio::sync::Mutex<Packers>,
     uploads: tokio::sync::Mutex<JoinSet<Result<Uploaded>>>,
@@ -158,6 +163,7 @@ impl Writer {
             inner.config.gc.max_writer_secs,
         )
         .await?;
+        let marks_at_start = load_marks(&inner.backend, &inner.sealer, &inner.repo_id).await?;
         let level = inner
             .opts
             .compression_level
@@ -171,6 +177,7 @@ impl Writer {
                 level,
             }),
             lease: Some(lease),
+            marks_at_start,
             cpu: Arc::new(Semaphore::new(workers)),
             packers: tokio::sync::Mutex::new(Packers {
                 data: PackBuilder::new(ChunkKind::Data),
@@ -299,6 +306,13 @@ impl Writer {
             size,
             hash,
         })
+    }
+
+    /// Add an already sealed chunk (the collector copies live blobs out of
+    /// mostly-garbage packs as they are: the seal binds the chunk id and
+    /// kind, not the pack). Durable and indexed after [`Writer::flush`].
+    pub(crate) async fn add_sealed(&self, s: SealedChunk) -> Result<()> {
+        self.add_to_pack(s).await
     }
 
     async fn add_to_pack(&self, s: SealedChunk) -> Result<()> {
@@ -469,7 +483,13 @@ impl Writer {
     /// copy outside condemned packs, is read back and stored again.
     async fn rescue_condemned(&self, manifest: &Manifest, body: &[ChunkRef]) -> Result<()> {
         let inner = self.shared.inner.clone();
-        let condemned = load_marks(&inner.backend, &inner.sealer, &inner.repo_id).await?;
+        let mut condemned = load_marks(&inner.backend, &inner.sealer, &inner.repo_id).await?;
+        condemned
+            .packs
+            .extend(self.marks_at_start.packs.iter().copied());
+        for (c, p) in &self.marks_at_start.garbage {
+            condemned.garbage.entry(*c).or_insert(*p);
+        }
         if condemned.garbage.is_empty() {
             return Ok(());
         }

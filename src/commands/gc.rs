@@ -1,0 +1,94 @@
+//! `pgcairn gc [--dry-run]`: two-phase garbage collection. A run sweeps
+//! marks whose grace period has passed and marks what is garbage now; the
+//! space is reclaimed one grace period after it became garbage.
+
+use anyhow::Result;
+
+use super::progress::Bar;
+use super::{human_bytes, Ctx};
+use crate::cli::{Format, GcArgs};
+use crate::engine::Progress;
+use crate::repo::gc::{GcOptions, GcProgress};
+
+struct GcBar(Bar);
+
+impl GcProgress for GcBar {
+    fn phase(&self, name: &str, total: u64) {
+        self.0.phase(name, total);
+    }
+    fn advance(&self, n: u64) {
+        self.0.advance(n);
+    }
+}
+
+pub async fn run(ctx: &Ctx, a: GcArgs) -> Result<()> {
+    let repo = ctx.open().await?;
+    let opts = GcOptions {
+        dry_run: a.dry_run,
+        grace_period_secs: a.grace_period,
+        stop_after: None,
+    };
+    let bar = GcBar(Bar::new());
+    let r = repo.gc(&opts, &bar).await;
+    bar.0.finish();
+    let r = r?;
+    if ctx.global.format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let would = if r.dry_run { "would be " } else { "" };
+    if r.dry_run {
+        println!("dry run: nothing was written or deleted (ages by the local clock)");
+    }
+    println!(
+        "{} manifests reference {} chunks; packs hold {}",
+        r.manifests,
+        r.live_chunks,
+        human_bytes(r.pack_bytes_before)
+    );
+    println!(
+        "sweep: {} mark(s) due, {} pack(s) {would}deleted, {} {would}reclaimed; index: {} object(s) {would}written, {} {would}removed",
+        r.marks_swept,
+        r.packs_swept,
+        human_bytes(r.bytes_reclaimed),
+        r.index_objects_written,
+        r.index_objects_removed
+    );
+    for p in &r.packs_kept {
+        println!("  kept {p}: a backup committed since the mark needs it");
+    }
+    println!(
+        "mark: {} pack(s) ({}) {would}condemned, {} of them unindexed leftovers; {} pack(s) {would}repacked ({} live chunks, {} copied)",
+        r.packs_condemned,
+        human_bytes(r.bytes_condemned),
+        r.packs_condemned_unindexed,
+        r.packs_repacked,
+        r.chunks_repacked,
+        human_bytes(r.bytes_repacked)
+    );
+    for m in &r.marks_pending {
+        println!(
+            "  pending {}: {} pack(s), {}, swept by a run after {} (store time)",
+            m.object,
+            m.packs,
+            human_bytes(m.bytes),
+            crate::engine::utc_stamp(m.sweep_after)
+        );
+    }
+    if r.leases_removed > 0 {
+        println!("removed {} stale lease(s)", r.leases_removed);
+    }
+    println!("multipart uploads: {}", r.multipart_uploads);
+    for d in &r.refused {
+        eprintln!(
+            "WARNING: the store refused to delete {} ({}); object lock or permissions? It is left in place and tried again by the next run only",
+            d.object, d.error
+        );
+    }
+    println!(
+        "packs: {} before, {} after",
+        human_bytes(r.pack_bytes_before),
+        human_bytes(r.pack_bytes_after)
+    );
+    Ok(())
+}

@@ -1,0 +1,642 @@
+//! The garbage collector end to end, on real repositories (local disk and
+//! the moto S3 server scripts/test.sh starts) with a grace period of a few
+//! seconds set at `init`. Ages come from the store's clock, whose
+//! granularity is one second: tests wait (polling, bounded) until the
+//! store's clock has passed a deadline, never for a fixed time.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::Cursor;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ciborium::Value;
+use common::*;
+use pgcairn::repo::backend::{self, WriteMode};
+use pgcairn::repo::gc::{GcOptions, GcReport, GcStep};
+use pgcairn::repo::store::{entry, manifest};
+use pgcairn::repo::verify::VerifyOptions;
+use pgcairn::repo::{ChunkerParams, GcParams, InitOptions, RepoError, Repository};
+
+/// Small chunks and packs, so that a few MiB make many of each, and a
+/// grace period of `grace` seconds.
+fn gc_init(grace: i64) -> InitOptions {
+    InitOptions {
+        chunker: ChunkerParams {
+            min_size: 4 * 1024,
+            avg_size: 16 * 1024,
+            max_size: 64 * 1024,
+        },
+        pack_target_size: 256 * 1024,
+        gc: GcParams {
+            grace_period_secs: grace,
+            max_writer_secs: grace - 1,
+            max_clock_skew_secs: 300,
+        },
+        ..test_init()
+    }
+}
+
+/// The store's clock now: write a probe object and read its timestamp.
+async fn store_now(r: &Repository) -> i64 {
+    let b = r.backend();
+    b.put(
+        "test-clock-probe",
+        Bytes::from_static(b"x"),
+        WriteMode::Overwrite,
+    )
+    .await
+    .expect("probe");
+    b.head("test-clock-probe")
+        .await
+        .expect("head probe")
+        .modified
+}
+
+/// Wait until the store's clock is past `t` (bounded).
+async fn wait_store_past(r: &Repository, t: i64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while store_now(r).await <= t {
+        assert!(Instant::now() < deadline, "store clock never passed {t}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Wait until everything written so far is older than the grace period.
+async fn wait_grace(r: &Repository) {
+    let grace = r.config().gc.grace_period_secs;
+    let now = store_now(r).await;
+    wait_store_past(r, now + grace).await;
+}
+
+async fn gc(r: &Repository) -> GcReport {
+    r.gc(&GcOptions::default(), &()).await.expect("gc")
+}
+
+/// Several files stored and committed as one manifest.
+async fn commit(r: &Repository, name: &str, files: &[Vec<u8>]) {
+    let w = r.writer("test").await.expect("writer");
+    let mut entries = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let s = w.store_reader(Cursor::new(f.clone())).await.expect("store");
+        entries.push(entry(format!("f{i}"), s, Value::Null));
+    }
+    w.commit(&manifest(name, Value::Null, entries))
+        .await
+        .expect("commit");
+    w.finish().await.expect("finish");
+}
+
+/// Every expected manifest restores byte-exact from a fresh cache, no
+/// other manifest exists, and verify (with every pack read) is clean.
+async fn assert_sound(url: &str, expected: &BTreeMap<String, Vec<Vec<u8>>>) {
+    let (r, _cache) = reopen(url).await;
+    let names = r.list_manifests("").await.expect("list");
+    assert_eq!(
+        names,
+        expected.keys().cloned().collect::<Vec<_>>(),
+        "manifests"
+    );
+    for (name, files) in expected {
+        let m = r.read_manifest(name).await.expect("read manifest");
+        assert_eq!(m.entries.len(), files.len(), "{name}");
+        for (e, data) in m.entries.iter().zip(files) {
+            let mut out = Vec::new();
+            r.restore_entry(e, &mut out)
+                .await
+                .unwrap_or_else(|err| panic!("restore {name}/{}: {err}", e.path));
+            assert!(out == *data, "{name}/{} differs", e.path);
+        }
+    }
+    let v = r
+        .verify(
+            &VerifyOptions {
+                manifests: None,
+                read_data_percent: Some(100),
+            },
+            &(),
+        )
+        .await
+        .expect("verify");
+    assert!(v.is_clean(), "verify: {:#?}", v.problems);
+}
+
+/// Bytes of packs in the repository.
+async fn pack_bytes(r: &Repository) -> u64 {
+    backend::list(&*r.backend(), "packs/")
+        .await
+        .expect("list")
+        .iter()
+        .map(|o| o.size)
+        .sum()
+}
+
+/// Generation `g` of a churning "database": a constant file, a table whose
+/// 64 KiB regions change a quarter at a time, and 1 MiB of new "WAL".
+fn generation(g: u64) -> Vec<Vec<u8>> {
+    let base = random_bytes(1 << 20, 1);
+    let mut table = Vec::with_capacity(32 << 16);
+    for region in 0..32u64 {
+        let changed = (0..=g).rev().find(|x| (region + x) % 4 == 0).unwrap_or(0);
+        table.extend(random_bytes(1 << 16, 1000 + region * 100 + changed));
+    }
+    let wal = random_bytes(1 << 20, 50_000 + g);
+    vec![base, table, wal]
+}
+
+/// N backups with churn; the oldest are deleted (as `expire` would); two
+/// collections a grace period apart reclaim their space. The result is
+/// compared with a repository that only ever held the retained backups.
+async fn reclaim(t: &TestRepo, fresh: &TestRepo) {
+    let n = 6;
+    let keep = 2;
+    let mut expected = BTreeMap::new();
+    for g in 0..n {
+        let name = format!("backups/db/{g:02}");
+        commit(&t.repo, &name, &generation(g)).await;
+        if g >= n - keep {
+            commit(&fresh.repo, &name, &generation(g)).await;
+            expected.insert(name, generation(g));
+        }
+    }
+    let before = pack_bytes(&t.repo).await;
+    let needed = pack_bytes(&fresh.repo).await;
+    for g in 0..n - keep {
+        t.repo
+            .delete_manifest(&format!("backups/db/{g:02}"))
+            .await
+            .expect("delete");
+    }
+    wait_grace(&t.repo).await;
+    let first = gc(&t.repo).await;
+    println!("first run (mark): {first:#?}");
+    assert!(first.mark.is_some(), "garbage must be marked");
+    assert!(first.packs_condemned > 0);
+    assert_eq!(
+        first.packs_swept, 0,
+        "nothing is deleted before a grace period"
+    );
+    assert_eq!(pack_bytes(&t.repo).await, first.pack_bytes_after);
+    assert_sound(&t.url, &expected).await;
+    wait_grace(&t.repo).await;
+    let second = gc(&t.repo).await;
+    println!("second run (sweep): {second:#?}");
+    assert_eq!(second.marks_swept, 1);
+    assert!(second.bytes_reclaimed > 0);
+    let after = pack_bytes(&t.repo).await;
+    assert_sound(&t.url, &expected).await;
+    println!(
+        "STORAGE: {n} backups with churn: {before} bytes of packs; {keep} retained need {needed} \
+         (a repository that only ever held them); after expire + gc: {after} ({:+.1} % of needed)",
+        (after as f64 / needed as f64 - 1.0) * 100.0
+    );
+    assert!(after < before, "nothing reclaimed");
+    assert!(
+        after as f64 <= needed as f64 * 1.20,
+        "after gc {after} bytes, the retained backups need {needed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_gc_returns_size_to_what_retained_backups_need() {
+    let t = local_repo(gc_init(2)).await;
+    let fresh = local_repo(gc_init(2)).await;
+    reclaim(&t, &fresh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_gc_returns_size_to_what_retained_backups_need() {
+    let t = s3_repo(gc_init(5)).await;
+    let fresh = s3_repo(gc_init(5)).await;
+    reclaim(&t, &fresh).await;
+}
+
+/// A writer that reuses chunks after they were marked rescues them, and
+/// the sweep keeps what it needs.
+async fn reused_chunk_survives(t: &TestRepo) {
+    let old = vec![random_bytes(700 * 1024, 7), random_bytes(300 * 1024, 8)];
+    commit(&t.repo, "backups/a/1", &old).await;
+    t.repo.delete_manifest("backups/a/1").await.unwrap();
+    wait_grace(&t.repo).await;
+    let mark = gc(&t.repo).await;
+    assert!(mark.packs_condemned > 0, "{mark:#?}");
+
+    // After the mark: the same data again; commit sees the mark.
+    let w = t.repo.writer("test").await.unwrap();
+    let s = w.store_bytes(old[0].clone()).await.unwrap();
+    w.commit(&manifest(
+        "backups/a/2",
+        Value::Null,
+        vec![entry("f0", s, Value::Null)],
+    ))
+    .await
+    .unwrap();
+    let st = w.finish().await.unwrap();
+    assert!(st.chunks_reused > 0 && st.chunks_rescued > 0, "{st:?}");
+
+    wait_grace(&t.repo).await;
+    let sweep = gc(&t.repo).await;
+    assert_eq!(sweep.marks_swept, 1, "{sweep:#?}");
+    assert!(sweep.packs_swept > 0, "{sweep:#?}");
+    let expected = BTreeMap::from([("backups/a/2".to_string(), vec![old[0].clone()])]);
+    assert_sound(&t.url, &expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_chunk_reused_during_grace_period_survives() {
+    let t = local_repo(gc_init(2)).await;
+    reused_chunk_survives(&t).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_chunk_reused_during_grace_period_survives() {
+    let t = s3_repo(gc_init(5)).await;
+    reused_chunk_survives(&t).await;
+}
+
+/// A writer that read the marks before the mark existed and committed
+/// after it (simulated: the mark is hidden during the commit, then put
+/// back as it was): the sweep finds the reference and keeps the packs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_that_missed_the_mark_keeps_its_packs() {
+    let t = local_repo(gc_init(2)).await;
+    let old = vec![random_bytes(600 * 1024, 21)];
+    commit(&t.repo, "backups/a/1", &old).await;
+    t.repo.delete_manifest("backups/a/1").await.unwrap();
+    wait_grace(&t.repo).await;
+    let mark = gc(&t.repo).await;
+    let key = mark.mark.clone().expect("a mark");
+    let b = t.repo.backend();
+    let saved = backend::get(&*b, &key).await.unwrap();
+    b.delete(&key).await.unwrap();
+    let w = t.repo.writer("test").await.unwrap();
+    let s = w.store_bytes(old[0].clone()).await.unwrap();
+    w.commit(&manifest(
+        "backups/a/2",
+        Value::Null,
+        vec![entry("f0", s, Value::Null)],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(w.finish().await.unwrap().chunks_rescued, 0);
+    b.put(&key, saved, WriteMode::Create).await.unwrap();
+
+    wait_grace(&t.repo).await;
+    let sweep = gc(&t.repo).await;
+    println!("{sweep:#?}");
+    assert_eq!(sweep.marks_swept, 1);
+    assert!(!sweep.packs_kept.is_empty(), "{sweep:#?}");
+    let expected = BTreeMap::from([("backups/a/2".to_string(), old)]);
+    assert_sound(&t.url, &expected).await;
+}
+
+/// A pack in no index is a writer's work in progress until it is older
+/// than the grace period; after that it is condemned, then swept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn young_unindexed_pack_is_left_alone() {
+    let t = local_repo(gc_init(2)).await;
+    commit(&t.repo, "backups/a/1", &[random_bytes(100 * 1024, 3)]).await;
+    let bytes = random_bytes(50_000, 99);
+    let id = blake3::hash(&bytes).to_hex().to_string();
+    let key = format!("packs/{}/{id}", &id[..2]);
+    let b = t.repo.backend();
+    b.put(&key, Bytes::from(bytes), WriteMode::Create)
+        .await
+        .unwrap();
+    let r = gc(&t.repo).await;
+    assert_eq!(r.packs_condemned, 0, "{r:#?}");
+    assert!(b.head(&key).await.is_ok(), "a young pack was deleted");
+
+    wait_grace(&t.repo).await;
+    let r = gc(&t.repo).await;
+    assert_eq!(r.packs_condemned_unindexed, 1, "{r:#?}");
+    assert_eq!(r.packs_condemned, 1, "{r:#?}");
+    assert!(b.head(&key).await.is_ok(), "deleted before the sweep");
+    wait_grace(&t.repo).await;
+    let r = gc(&t.repo).await;
+    assert_eq!(r.packs_swept, 1, "{r:#?}");
+    assert!(matches!(
+        b.head(&key).await,
+        Err(backend::BackendError::NotFound)
+    ));
+    let expected = BTreeMap::from([("backups/a/1".to_string(), vec![random_bytes(100 * 1024, 3)])]);
+    assert_sound(&t.url, &expected).await;
+}
+
+/// A collector killed after each step (the test hook stops it there and
+/// leaves its lease behind): the repository verifies clean and restores
+/// after every run, and later runs finish the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_collector_at_each_step_then_rerun_finishes() {
+    for step in GcStep::ALL {
+        let t = local_repo(gc_init(2)).await;
+        // One writer session: X (garbage) and Y (live) share packs, so
+        // those packs are mostly garbage and get repacked; Z is all garbage.
+        let x = random_bytes(190 * 1024, 31);
+        let y = vec![random_bytes(40 * 1024, 32)];
+        let z = vec![random_bytes(400 * 1024, 33)];
+        let keep = vec![random_bytes(100 * 1024, 34)];
+        let w = t.repo.writer("test").await.unwrap();
+        let sx = w.store_bytes(x.clone()).await.unwrap();
+        let sy = w.store_bytes(y[0].clone()).await.unwrap();
+        for (name, s) in [("x", sx), ("y", sy)] {
+            w.commit(&manifest(
+                format!("backups/k/{name}"),
+                Value::Null,
+                vec![entry("f0", s, Value::Null)],
+            ))
+            .await
+            .unwrap();
+        }
+        w.finish().await.unwrap();
+        commit(&t.repo, "backups/k/z", &z).await;
+        commit(&t.repo, "backups/k/keep", &keep).await;
+        t.repo.delete_manifest("backups/k/x").await.unwrap();
+        t.repo.delete_manifest("backups/k/z").await.unwrap();
+        let expected = BTreeMap::from([
+            ("backups/k/keep".to_string(), keep.clone()),
+            ("backups/k/y".to_string(), y.clone()),
+        ]);
+        let before = pack_bytes(&t.repo).await;
+
+        let mut stops = 0;
+        let mut settled = false;
+        for round in 0..8 {
+            wait_grace(&t.repo).await;
+            let opts = GcOptions {
+                stop_after: (round < 3).then_some(step),
+                ..GcOptions::default()
+            };
+            match t.repo.gc(&opts, &()).await {
+                Ok(r) => {
+                    if round >= 3
+                        && r.mark.is_none()
+                        && r.marks_pending.is_empty()
+                        && r.marks_swept == 0
+                    {
+                        settled = true;
+                    }
+                }
+                Err(RepoError::Task(m)) if m.contains("stopped after") => stops += 1,
+                Err(e) => panic!("{step:?} round {round}: {e}"),
+            }
+            assert_sound(&t.url, &expected).await;
+            if settled {
+                break;
+            }
+        }
+        assert!(stops > 0, "{step:?} was never reached");
+        assert!(settled, "{step:?}: the collection never finished");
+        let after = pack_bytes(&t.repo).await;
+        let (r, _c) = reopen(&t.url).await;
+        let info = r.info().await.unwrap();
+        let live = gc(&r).await.live_chunks;
+        println!("{step:?}: stopped {stops}x, packs {before} -> {after} bytes, {info:?}");
+        assert_eq!(
+            info.index_entries, live,
+            "{step:?}: every indexed chunk is live once the job is done"
+        );
+        assert!(after < before / 2, "{step:?}: {before} -> {after}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_collector_is_refused_and_dry_run_writes_nothing() {
+    let t = local_repo(gc_init(2)).await;
+    commit(&t.repo, "backups/a/1", &[random_bytes(200 * 1024, 5)]).await;
+    t.repo.delete_manifest("backups/a/1").await.unwrap();
+    wait_grace(&t.repo).await;
+    let listing = |r: Repository| async move {
+        let mut v: Vec<(String, u64)> = backend::list(&*r.backend(), "")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|o| o.key != "test-clock-probe")
+            .map(|o| (o.key, o.size))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(t.repo.clone()).await;
+    let dry = t
+        .repo
+        .gc(
+            &GcOptions {
+                dry_run: true,
+                ..GcOptions::default()
+            },
+            &(),
+        )
+        .await
+        .unwrap();
+    assert!(dry.packs_condemned > 0, "{dry:#?}");
+    assert!(dry.mark.is_none());
+    assert_eq!(listing(t.repo.clone()).await, before, "a dry run wrote");
+
+    // A killed collector's lease makes the next one refuse until it is a
+    // grace period old.
+    let stop = GcOptions {
+        stop_after: Some(GcStep::Locked),
+        ..GcOptions::default()
+    };
+    assert!(t.repo.gc(&stop, &()).await.is_err());
+    let e = t.repo.gc(&GcOptions::default(), &()).await.unwrap_err();
+    assert!(e.to_string().contains("another collector"), "{e}");
+    let shorter = GcOptions {
+        grace_period_secs: Some(1),
+        ..GcOptions::default()
+    };
+    let e = t.repo.gc(&shorter, &()).await.unwrap_err();
+    assert!(e.to_string().contains("only be lengthened"), "{e}");
+    wait_grace(&t.repo).await;
+    let r = gc(&t.repo).await;
+    assert!(r.mark.is_some());
+    assert!(r.leases_removed >= 1, "the dead collector's lease: {r:#?}");
+}
+
+async fn write_one(repo: &Repository, name: &str, files: &[Vec<u8>]) -> Result<(), RepoError> {
+    let w = repo.writer("test").await?;
+    let mut entries = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let s = w.store_bytes(f.clone()).await?;
+        entries.push(entry(format!("f{i}"), s, Value::Null));
+    }
+    w.commit(&manifest(name, Value::Null, entries)).await?;
+    w.finish().await?;
+    Ok(())
+}
+
+/// Torture: writers store and commit manifests (some reusing data whose
+/// manifests were deleted), a deleter removes old manifests, and the
+/// `pgcairn gc` binary runs again and again, killed at random moments.
+/// Afterwards every remaining manifest restores byte-exact and verify
+/// (every pack read) is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torture_writers_and_killed_collectors() {
+    let t = local_repo(gc_init(4)).await;
+    let cache = tempfile::tempdir().unwrap();
+    let expected: Arc<Mutex<BTreeMap<String, Vec<Vec<u8>>>>> = Arc::default();
+    let deleted_data: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    let run_for = Duration::from_secs(60);
+    let start = Instant::now();
+
+    // Writer futures hold non-Send state across awaits: run them on this
+    // task, concurrently, instead of spawning them.
+    let mut tasks: Vec<Pin<Box<dyn Future<Output = ()> + '_>>> = Vec::new();
+    for k in 0..2u64 {
+        let repo = t.repo.clone();
+        let (expected, deleted_data, failures) =
+            (expected.clone(), deleted_data.clone(), failures.clone());
+        tasks.push(Box::pin(async move {
+            let mut n = 0u64;
+            while start.elapsed() < run_for {
+                n += 1;
+                let fresh = random_bytes(150 * 1024, k * 1_000_000 + n);
+                let reused = {
+                    let d = deleted_data.lock().unwrap();
+                    (!d.is_empty()).then(|| d[(n as usize * 7 + k as usize) % d.len()].clone())
+                };
+                let files: Vec<Vec<u8>> = std::iter::once(fresh).chain(reused).collect();
+                let name = format!("t/w{k}/{n:04}");
+                // Pacing, not synchronisation: a few hundred manifests
+                // are plenty, and the final check reads them all.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                match write_one(&repo, &name, &files).await {
+                    Ok(()) => {
+                        expected.lock().unwrap().insert(name, files);
+                    }
+                    Err(e) => failures.lock().unwrap().push(format!("{name}: {e}")),
+                }
+            }
+        }));
+    }
+    {
+        let repo = t.repo.clone();
+        let (expected, deleted_data) = (expected.clone(), deleted_data.clone());
+        tasks.push(Box::pin(async move {
+            let mut i = 0usize;
+            while start.elapsed() < run_for {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                let victim = {
+                    let e = expected.lock().unwrap();
+                    (e.len() > 4).then(|| {
+                        let names: Vec<&String> = e.keys().collect();
+                        names[i % (names.len() - 2)].clone()
+                    })
+                };
+                i += 3;
+                if let Some(v) = victim {
+                    let files = expected.lock().unwrap().remove(&v).unwrap();
+                    repo.delete_manifest(&v).await.expect("delete manifest");
+                    deleted_data.lock().unwrap().push(files[0].clone());
+                }
+            }
+        }));
+    }
+
+    // Collectors: the binary, killed after a random delay, or left to finish.
+    let gc_bin = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcairn"));
+        c.args(["--repo", &t.url, "--cache-dir"])
+            .arg(cache.path())
+            .args(args)
+            .env("PGCAIRN_PASSPHRASE", std::str::from_utf8(PASS).unwrap())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let collectors = async {
+        let (mut killed, mut finished, mut refused, mut expired) = (0, 0, 0, 0);
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        while start.elapsed() < run_for {
+            let mut child = gc_bin(&["gc"]).spawn().expect("spawn gc");
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let delay = Duration::from_millis(seed % 1500);
+            let limit = Instant::now() + delay;
+            let mut exited = None;
+            while Instant::now() < limit {
+                if let Some(s) = child.try_wait().unwrap() {
+                    exited = Some(s);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            match exited {
+                None if seed % 4 != 0 => {
+                    child.kill().await.unwrap();
+                    killed += 1;
+                    // Its lease blocks the next collector for a grace period.
+                    wait_grace(&t.repo).await;
+                }
+                _ => {
+                    let out = child.wait_with_output().await.unwrap();
+                    let err = String::from_utf8_lossy(&out.stderr).to_string();
+                    if out.status.success() {
+                        finished += 1;
+                    } else if err.contains("another collector") {
+                        refused += 1;
+                    } else if err.contains("longer than the grace period") {
+                        // Ran longer than the (4 s) grace period on a busy
+                        // machine: it stops before deleting, by design.
+                        expired += 1;
+                    } else {
+                        panic!("gc failed: {err}");
+                    }
+                }
+            }
+        }
+        (killed, finished, refused, expired)
+    };
+    let (_, (killed, finished, refused, expired)) =
+        tokio::join!(futures::future::join_all(tasks), collectors);
+    let failures = failures.lock().unwrap().clone();
+    let expected = expected.lock().unwrap().clone();
+    println!(
+        "torture: {} manifests kept, {} writer failures, gc killed {killed}x, finished {finished}x, refused {refused}x, expired {expired}x",
+        expected.len(),
+        failures.len()
+    );
+    for f in &failures {
+        println!("  writer failure: {f}");
+    }
+    assert!(killed > 5, "too few kills");
+    assert!(expected.len() > 10, "too few commits");
+    assert_sound(&t.url, &expected).await;
+
+    // Let the collection finish: dead collectors' leases age out, marks are
+    // swept; then every indexed chunk is live.
+    let mut last = None;
+    for _ in 0..8 {
+        wait_grace(&t.repo).await;
+        let o = gc_bin(&["--format", "json", "gc"]).output().await.unwrap();
+        if String::from_utf8_lossy(&o.stderr).contains("longer than the grace period") {
+            println!("a settling run took longer than the grace period; again");
+            continue;
+        }
+        assert!(
+            o.status.success(),
+            "settling gc failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let done = r["mark"].is_null() && r["marks_pending"].as_array().unwrap().is_empty();
+        last = Some(r);
+        if done {
+            break;
+        }
+    }
+    let last = last.unwrap();
+    println!("last run: {last:#}");
+    assert_sound(&t.url, &expected).await;
+    assert!(
+        last["mark"].is_null() && last["marks_pending"].as_array().unwrap().is_empty(),
+        "the collection did not settle"
+    );
+}
