@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use super::catalog::{wal_prefix, BackupMeta};
+use super::catalog::{wal_name, wal_prefix, BackupMeta};
 use super::{EngineError, Result};
 use crate::pg::timeline::{parse_history, reachable, Fork};
 use crate::pg::wal::{segment_name, segno_of, Lsn, WalFile};
@@ -263,6 +263,16 @@ impl WalArchive {
         }
     }
 
+    /// The manifest name a segment is (or would be) archived under.
+    pub fn manifest_of(&self, s: SegmentId) -> String {
+        wal_name(
+            &self.server,
+            self.system_identifier,
+            s.timeline,
+            &s.name(self.segment_size),
+        )
+    }
+
     /// Is the full segment archived?
     pub fn has_segment(&self, s: SegmentId) -> bool {
         self.segments.contains(&s)
@@ -469,7 +479,6 @@ pub fn backup_range(meta: &BackupMeta, seg_size: u64) -> Result<(u64, u64, u32)>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::catalog::wal_name;
 
     const SEG: u64 = 16 << 20;
 
@@ -542,6 +551,10 @@ mod tests {
                 timeline: 2,
                 segno: 5
             }
+        );
+        assert_eq!(
+            a.manifest_of(need.needed[2]),
+            "wal/s/7/00000002/000000020000000000000005"
         );
         // On timeline 1 alone, segment 5 is only a .partial: missing.
         let need1 = a.need_along(&a.timeline_path(1), 3, 5, &[]);
