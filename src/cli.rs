@@ -126,6 +126,10 @@ pub struct ExpireArgs {
     /// Overrides minimum_redundancy.
     #[arg(long, value_name = "N")]
     pub minimum_redundancy: Option<u32>,
+    /// Then run one garbage collection (`pgcairn gc`), so cron runs one
+    /// command.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub gc: bool,
 }
 
 #[derive(Debug, Args)]

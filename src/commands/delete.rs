@@ -27,5 +27,8 @@ pub async fn run(ctx: &Ctx, a: DeleteArgs) -> Result<()> {
         now_unix(),
     )
     .map_err(|e| anyhow::anyhow!("server {server}: {e}"))?;
-    print_and_run(ctx, &repo, &plan, a.dry_run).await
+    if let Some(json) = print_and_run(ctx, &repo, &plan, a.dry_run).await? {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    }
+    Ok(())
 }

@@ -130,13 +130,14 @@ pub fn print_plan(p: &Plan) {
     }
 }
 
-/// Print, and unless `dry_run` execute, a plan.
+/// Print, and unless `dry_run` execute, a plan. With `--format json` the
+/// report is returned for the caller to print (alone, or with gc's).
 pub async fn print_and_run(
     ctx: &Ctx,
     repo: &crate::repo::Repository,
     plan: &Plan,
     dry_run: bool,
-) -> Result<()> {
+) -> Result<Option<serde_json::Value>> {
     let json = ctx.global.format == Format::Json;
     if !json {
         print_plan(plan);
@@ -150,15 +151,11 @@ pub async fn print_and_run(
         Some(r.with_context(|| format!("expiring server {}", plan.server))?)
     };
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&Report {
-                plan,
-                dry_run,
-                executed: executed.as_ref(),
-            })?
-        );
-        return Ok(());
+        return Ok(Some(serde_json::to_value(Report {
+            plan,
+            dry_run,
+            executed: executed.as_ref(),
+        })?));
     }
     match executed {
         None => println!("dry run: nothing removed"),
@@ -173,7 +170,7 @@ pub async fn print_and_run(
             }
         ),
     }
-    Ok(())
+    Ok(None)
 }
 
 pub async fn run(ctx: &Ctx, a: ExpireArgs) -> Result<()> {
@@ -198,5 +195,25 @@ pub async fn run(ctx: &Ctx, a: ExpireArgs) -> Result<()> {
     let facts = retention::load(&repo, &server).await?;
     let backups = facts.backup_facts()?;
     let plan = retention::plan(&facts.archive, &backups, &rules, now_unix());
-    print_and_run(ctx, &repo, &plan, a.dry_run).await
+    let report = print_and_run(ctx, &repo, &plan, a.dry_run).await?;
+    // `--gc`: one command for cron. What expire just removed becomes
+    // garbage now and is reclaimed a grace period later, by a later run.
+    let gc = if a.gc && !a.dry_run {
+        let r = super::gc::collect(&repo).await?;
+        if report.is_none() {
+            super::gc::print_report(&r);
+        }
+        Some(r)
+    } else {
+        None
+    };
+    match (report, gc) {
+        (Some(e), Some(g)) => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "expire": e, "gc": g }))?
+        ),
+        (Some(e), None) => println!("{}", serde_json::to_string_pretty(&e)?),
+        (None, _) => {}
+    }
+    Ok(())
 }

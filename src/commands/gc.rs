@@ -8,7 +8,8 @@ use super::progress::Bar;
 use super::{human_bytes, Ctx};
 use crate::cli::{Format, GcArgs};
 use crate::engine::Progress;
-use crate::repo::gc::{GcOptions, GcProgress};
+use crate::repo::gc::{GcOptions, GcProgress, GcReport};
+use crate::repo::Repository;
 
 struct GcBar(Bar);
 
@@ -28,14 +29,28 @@ pub async fn run(ctx: &Ctx, a: GcArgs) -> Result<()> {
         grace_period_secs: a.grace_period,
         stop_after: None,
     };
-    let bar = GcBar(Bar::new());
-    let r = repo.gc(&opts, &bar).await;
-    bar.0.finish();
-    let r = r?;
+    let r = with_bar(&repo, &opts).await?;
     if ctx.global.format == Format::Json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
+    print_report(&r);
+    Ok(())
+}
+
+/// One collection with the repository's own grace period (`expire --gc`).
+pub async fn collect(repo: &Repository) -> Result<GcReport> {
+    with_bar(repo, &GcOptions::default()).await
+}
+
+async fn with_bar(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
+    let bar = GcBar(Bar::new());
+    let r = repo.gc(opts, &bar).await;
+    bar.0.finish();
+    Ok(r?)
+}
+
+pub fn print_report(r: &GcReport) {
     let would = if r.dry_run { "would be " } else { "" };
     if r.dry_run {
         println!("dry run: nothing was written or deleted (ages by the local clock)");
@@ -90,5 +105,4 @@ pub async fn run(ctx: &Ctx, a: GcArgs) -> Result<()> {
         human_bytes(r.pack_bytes_before),
         human_bytes(r.pack_bytes_after)
     );
-    Ok(())
 }
