@@ -5,8 +5,8 @@
 //! finish its pending work, and every backup that is still listed must
 //! restore and start with the data it had.
 //!
-//! The repository uses a short grace period (20 s, writers give up after
-//! 10 s) so that marks are swept while writers still run.
+//! The repository uses a short grace period (30 s, writers give up after
+//! 15 s) so that marks are swept while writers still run.
 
 mod common;
 
@@ -105,14 +105,14 @@ fn kill_tree(pid: u32) {
     }
 }
 
-/// archive_command: one call in three is SIGKILLed after 0-300 ms, so
+/// archive_command: one call in four is SIGKILLed after 0-300 ms, so
 /// PostgreSQL sees archive-push die at every point and retries.
 fn killing_archive_command(cairn: &Cairn, d: &Path) -> String {
     let script = d.join("archive.sh");
     std::fs::write(
         &script,
         format!(
-            "#!/bin/bash\nif (( RANDOM % 3 == 0 )); then\n  exec timeout -s KILL 0.$(printf %03d $((RANDOM % 300))) {} \"$1\"\nfi\nexec {} \"$1\"\n",
+            "#!/bin/bash\nif (( RANDOM % 4 == 0 )); then\n  exec timeout -s KILL 0.$(printf %03d $((RANDOM % 300))) {} \"$1\"\nfi\nexec {} \"$1\"\n",
             cairn.archive_push_command(d),
             cairn.archive_push_command(d)
         ),
@@ -133,7 +133,7 @@ fn concurrent_backups_archiving_expire_and_gc_killed_at_random() {
     let mut rng = Rng(seed | 1);
     let dir = user_dir();
     let d = dir.path();
-    let cairn = Cairn::with_init(d, &["--gc-grace-secs", "20", "--gc-max-writer-secs", "10"]);
+    let cairn = Cairn::with_init(d, &["--gc-grace-secs", "30", "--gc-max-writer-secs", "15"]);
     let mut src = Cluster::init(d, "src", &[]);
     src.append_conf(&format!(
         "archive_mode = on\narchive_command = '{}'\nwal_level = replica\n",
@@ -210,7 +210,8 @@ fn concurrent_backups_archiving_expire_and_gc_killed_at_random() {
                     .lines()
                     .find_map(|l| {
                         l.split_once(" of main: ")
-                            .map(|(id, _)| id.trim().to_string())
+                            .and_then(|(head, _)| head.split_whitespace().last())
+                            .map(str::to_string)
                     })
                     .unwrap_or_else(|| panic!("no summary line in backup output: {out}"));
                 markers.push((id, round));

@@ -243,7 +243,7 @@ pub async fn run(
             .create_temp_slot(&format!("pgcairn_{}", std::process::id()))
             .await?;
     }
-    let backup_id = utc_stamp(start_time);
+    let backup_id = free_backup_id(repo, &opts.server, start_time).await?;
     let label = opts
         .label
         .clone()
@@ -440,6 +440,26 @@ pub async fn run(
         .await?;
     let stats = writer.finish().await?;
     Ok(BackupSummary { name, meta, stats })
+}
+
+/// The backup id: its start time to the second, or the next second without
+/// a backup of this server (two backups that start within one second, one
+/// after the other, must not collide at commit). Existence is asked of the
+/// store: a failed lookup is an error, never "free".
+async fn free_backup_id(repo: &Repository, server: &str, start_time: i64) -> Result<String> {
+    for t in start_time..start_time + 60 {
+        let id = utc_stamp(t);
+        let name = backup_name(server, &id);
+        match repo.manifest_meta(&name).await {
+            Ok(_) => continue,
+            Err(RepoError::NotFound { key }) if key.ends_with(&name) => return Ok(id),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(EngineError::Refused(format!(
+        "server {server} has a backup for every second of the minute after {}; is a loop starting backups?",
+        utc_stamp(start_time)
+    )))
 }
 
 /// Wait until every WAL segment from `start` to `stop` is in the archive.
