@@ -315,7 +315,7 @@ pub struct InitArgs {
     #[arg(long)]
     pub gc_grace_secs: Option<i64>,
     /// A backup or archive-push running longer than this many seconds
-    /// aborts instead of committing [default: 86400, 24 h]; at most half
+    /// aborts instead of committing [default: 86400, 24 h]; shorter than
     /// the grace period.
     #[arg(long)]
     pub gc_max_writer_secs: Option<i64>,

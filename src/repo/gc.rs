@@ -918,6 +918,7 @@ mod tests {
             pack_target_size: 64 * 1024,
             gc: GcParams {
                 grace_period_secs: 3600,
+                max_writer_secs: 1800,
                 ..GcParams::DEFAULT
             },
             ..InitOptions::default()

@@ -11,16 +11,20 @@
 //! entry = id:32 pack:u32le offset:u32le length:u32le raw_length:u32le kind:u8
 //! ```
 //!
-//! A reader keeps only directories in memory (first and last id of each
-//! page: ~80 bytes per 1024 chunks), fetches index objects once into a local
-//! cache directory (they never change), and decrypts pages on demand into a
-//! bounded LRU. Compaction of many small index objects into few large ones is
-//! the garbage collector's job.
+//! A reader keeps directories in memory (first and last id of each page:
+//! ~80 bytes per 1024 chunks), fetches index objects once into a local cache
+//! directory (they never change), and decrypts pages on demand into an LRU
+//! bounded by entries. Ids are uniform, so every page of every object spans
+//! much of the id space: asking each object would read one page per object
+//! per lookup (hundreds of small objects from archive-push make that the
+//! whole cost of a restore). So a lookup first asks a [`Filter`]: the first
+//! 8 bytes of every id with its object and page, sorted (16 bytes per
+//! chunk), built on the first lookup after the set changed.
 
 use std::collections::HashSet;
-use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
@@ -151,13 +155,48 @@ pub fn build_index(
     Ok((name, out))
 }
 
-/// Decrypted pages by (index object name, page number).
-type PageCache = LruCache<(String, u32), Arc<Vec<RawEntry>>>;
+/// Decrypted pages by (loaded object's sequence number, page number),
+/// bounded by the entries they hold.
+struct PageCache {
+    lru: LruCache<(u64, u32), Arc<Vec<RawEntry>>>,
+    entries: usize,
+    max_entries: usize,
+}
+
+/// Distinguishes loaded objects without hashing their names per lookup.
+static LOADED_SEQ: AtomicU64 = AtomicU64::new(0);
 
 struct Loaded {
+    seq: u64,
     name: String,
     file: PathBuf,
     dir: Directory,
+}
+
+impl Loaded {
+    fn new(name: &str, file: PathBuf, dir: Directory) -> Loaded {
+        Loaded {
+            seq: LOADED_SEQ.fetch_add(1, Ordering::Relaxed),
+            name: name.to_string(),
+            file,
+            dir,
+        }
+    }
+}
+
+/// Which object and page hold each id, by the id's first 8 bytes.
+struct Filter {
+    /// The set it was built from (`IndexSet::generation`).
+    generation: u64,
+    loaded: Vec<Arc<Loaded>>,
+    /// (id prefix, position in `loaded`, page), sorted.
+    keys: Vec<(u64, u32, u32)>,
+}
+
+fn prefix(id: &ChunkId) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&id.0[..8]);
+    u64::from_be_bytes(b)
 }
 
 /// Every index object of the repository, paged in on demand.
@@ -167,6 +206,9 @@ pub struct IndexSet {
     repo_id: [u8; 16],
     cache_dir: PathBuf,
     loaded: RwLock<Vec<Arc<Loaded>>>,
+    /// Bumped whenever `loaded` changes; the filter is rebuilt lazily.
+    generation: AtomicU64,
+    filter: Mutex<Option<Arc<Filter>>>,
     pages: Mutex<PageCache>,
 }
 
@@ -176,7 +218,7 @@ impl IndexSet {
         sealer: Sealer,
         repo_id: [u8; 16],
         cache_dir: PathBuf,
-        page_cache: usize,
+        page_cache_entries: usize,
     ) -> Self {
         IndexSet {
             backend,
@@ -184,9 +226,13 @@ impl IndexSet {
             repo_id,
             cache_dir,
             loaded: RwLock::new(Vec::new()),
-            pages: Mutex::new(LruCache::new(
-                NonZeroUsize::new(page_cache.max(1)).unwrap_or(NonZeroUsize::MIN),
-            )),
+            generation: AtomicU64::new(0),
+            filter: Mutex::new(None),
+            pages: Mutex::new(PageCache {
+                lru: LruCache::unbounded(),
+                entries: 0,
+                max_entries: page_cache_entries.max(1),
+            }),
         }
     }
 
@@ -219,9 +265,15 @@ impl IndexSet {
             if !have.contains(name) {
                 let l = self.load_object(name, o.size).await?;
                 self.write_loaded().push(Arc::new(l));
+                self.changed();
             }
         }
-        self.write_loaded().retain(|l| names.contains(&l.name));
+        let mut loaded = self.write_loaded();
+        let before = loaded.len();
+        loaded.retain(|l| names.contains(&l.name));
+        if loaded.len() != before {
+            self.changed();
+        }
         Ok(())
     }
 
@@ -243,6 +295,7 @@ impl IndexSet {
             }
         }
         *self.write_loaded() = fresh;
+        self.changed();
         Ok(bad)
     }
 
@@ -330,12 +383,43 @@ impl IndexSet {
         }
         let file = self.store_in_cache(name, bytes)?;
         let dir = self.read_directory(name, bytes)?;
-        self.write_loaded().push(Arc::new(Loaded {
-            name: name.to_string(),
-            file,
-            dir,
-        }));
+        self.write_loaded()
+            .push(Arc::new(Loaded::new(name, file, dir)));
+        self.changed();
         Ok(())
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The filter of the current set, built (reading every page once) if
+    /// the set changed since the last one.
+    fn filter(&self) -> Result<Arc<Filter>> {
+        let mut slot = self.filter.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = self.generation.load(Ordering::SeqCst);
+        if let Some(f) = slot.as_ref().filter(|f| f.generation == generation) {
+            return Ok(f.clone());
+        }
+        let loaded: Vec<Arc<Loaded>> = self.read_loaded().clone();
+        let mut keys = Vec::with_capacity(loaded.iter().map(|l| l.dir.entries as usize).sum());
+        for (i, l) in loaded.iter().enumerate() {
+            for no in 0..l.dir.pages.len() as u32 {
+                for e in self.decrypt_page(l, no)?.iter() {
+                    keys.push((prefix(&e.id), i as u32, no));
+                }
+            }
+        }
+        keys.sort_unstable();
+        // Two ids sharing a prefix in one page would yield the page twice.
+        keys.dedup();
+        let f = Arc::new(Filter {
+            generation,
+            loaded,
+            keys,
+        });
+        *slot = Some(f.clone());
+        Ok(f)
     }
 
     fn read_loaded(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Loaded>>> {
@@ -382,11 +466,7 @@ impl IndexSet {
             if meta.len() == size {
                 let bytes = read_tail(&path, &object)?;
                 if let Ok(dir) = self.read_directory_tail(&bytes.0, bytes.1, &object) {
-                    return Ok(Loaded {
-                        name: name.into(),
-                        file: path,
-                        dir,
-                    });
+                    return Ok(Loaded::new(name, path, dir));
                 }
             }
         }
@@ -399,11 +479,7 @@ impl IndexSet {
         }
         let file = self.store_in_cache(name, &bytes)?;
         let dir = self.read_directory(name, &bytes)?;
-        Ok(Loaded {
-            name: name.into(),
-            file,
-            dir,
-        })
+        Ok(Loaded::new(name, file, dir))
     }
 
     fn read_directory(&self, name: &str, bytes: &[u8]) -> Result<Directory> {
@@ -433,15 +509,33 @@ impl IndexSet {
     }
 
     fn read_page(&self, l: &Loaded, no: u32) -> Result<Arc<Vec<RawEntry>>> {
-        let key = (l.name.clone(), no);
+        let key = (l.seq, no);
         if let Some(p) = self
             .pages
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .lru
             .get(&key)
         {
             return Ok(p.clone());
         }
+        let entries = self.decrypt_page(l, no)?;
+        let mut cache = self.pages.lock().unwrap_or_else(|p| p.into_inner());
+        cache.entries += entries.len();
+        if let Some(old) = cache.lru.put(key, entries.clone()) {
+            cache.entries -= old.len();
+        }
+        while cache.entries > cache.max_entries && cache.lru.len() > 1 {
+            match cache.lru.pop_lru() {
+                Some((_, old)) => cache.entries -= old.len(),
+                None => break,
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Read and authenticate one page from the cached object (no caching).
+    fn decrypt_page(&self, l: &Loaded, no: u32) -> Result<Arc<Vec<RawEntry>>> {
         let object = index_object(&l.name);
         let pr = &l.dir.pages[no as usize];
         let f = std::fs::File::open(&l.file)
@@ -492,25 +586,18 @@ impl IndexSet {
                 },
             });
         }
-        let entries = Arc::new(entries);
-        self.pages
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .put(key, entries.clone());
-        Ok(entries)
+        Ok(Arc::new(entries))
     }
 
     /// Every location of `id` across the index (usually zero or one).
     pub fn lookup_all(&self, id: &ChunkId) -> Result<Vec<Location>> {
-        let loaded: Vec<Arc<Loaded>> = self.read_loaded().clone();
+        let f = self.filter()?;
+        let p = prefix(id);
         let mut out = Vec::new();
-        for l in loaded {
-            let pages = &l.dir.pages;
-            let i = pages.partition_point(|p| p.last < *id);
-            if i >= pages.len() || pages[i].first > *id {
-                continue;
-            }
-            let page = self.read_page(&l, i as u32)?;
+        let start = f.keys.partition_point(|k| k.0 < p);
+        for &(_, obj, no) in f.keys[start..].iter().take_while(|k| k.0 == p) {
+            let l = &f.loaded[obj as usize];
+            let page = self.read_page(l, no)?;
             if let Ok(j) = page.binary_search_by(|e| e.id.cmp(id)) {
                 let e = page[j];
                 let p = &l.dir.packs[e.pack as usize];
@@ -609,7 +696,13 @@ mod tests {
         backend::put_immutable(&*b, &index_object(&name), Bytes::from(bytes))
             .await
             .unwrap();
-        let set = IndexSet::new(b.clone(), sealer.clone(), rid, dir.path().join("cache"), 4);
+        let set = IndexSet::new(
+            b.clone(),
+            sealer.clone(),
+            rid,
+            dir.path().join("cache"),
+            250,
+        );
         set.refresh().await.unwrap();
         let loaded = set.read_loaded().clone();
         assert_eq!(loaded.len(), 1);
@@ -621,7 +714,7 @@ mod tests {
         }
         assert!(set.lookup(&id(5000)).unwrap().is_none());
         assert!(
-            set.pages.lock().unwrap().len() <= 4,
+            set.pages.lock().unwrap().entries <= 250,
             "page cache is bounded"
         );
         assert_eq!(set.stats(), (1, 5000, 2, 50_018));

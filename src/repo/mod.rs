@@ -78,8 +78,10 @@ pub struct OpenOptions {
     pub workers: usize,
     /// Concurrent uploads and downloads.
     pub io_depth: usize,
-    /// Decrypted index pages kept in memory.
-    pub index_page_cache: usize,
+    /// Decrypted index entries kept in memory (about 56 bytes each; the
+    /// default, 512 Ki, is ~28 MiB: the whole index of ~16 GiB of unique
+    /// data at 32 KiB chunks).
+    pub index_cache_entries: usize,
     /// A writer indexes its uploaded packs at least this often, so that a
     /// writer killed mid-way leaves its packs findable for the next run.
     pub index_flush_secs: u64,
@@ -100,7 +102,7 @@ impl Default for OpenOptions {
                 .map(|n| n.get())
                 .unwrap_or(2),
             io_depth: 4,
-            index_page_cache: 256,
+            index_cache_entries: 512 * 1024,
             index_flush_secs: 60,
             compression_level: None,
             key_cache: false,
@@ -304,7 +306,7 @@ impl Repository {
             sealer.clone(),
             repo_id,
             cache,
-            opts.index_page_cache,
+            opts.index_cache_entries,
         ));
         Repository {
             inner: Arc::new(Inner {
