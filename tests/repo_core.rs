@@ -411,7 +411,8 @@ async fn writer_rescues_chunks_in_condemned_packs() {
 async fn writer_past_its_lease_aborts_without_committing() {
     let init = InitOptions {
         gc: GcParams {
-            max_writer_secs: -1,
+            grace_period_secs: 4,
+            max_writer_secs: 1,
             ..GcParams::DEFAULT
         },
         ..test_init()
@@ -419,6 +420,9 @@ async fn writer_past_its_lease_aborts_without_committing() {
     let t = local_repo(init).await;
     let w = t.repo.writer("t").await.unwrap();
     let s = w.store_bytes(b"abc".to_vec()).await.unwrap();
+    // What is tested is the passing of time itself: the writer outlives its
+    // 1 s limit (store timestamps have whole seconds).
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let e = w
         .commit(&manifest(
             "backups/x/late",
