@@ -46,9 +46,10 @@ fn backup(c: &Cairn, src: &Cluster) -> String {
     ])
 }
 
-/// Run gc until no mark is pending and none is written (bounded): the
-/// first run marks, a run a grace period later sweeps.
-fn gc_to_the_end(c: &Cairn) -> Vec<serde_json::Value> {
+/// Run gc until no mark is pending and none is written, once every pack is
+/// older than the grace period (so all garbage was a candidate); bounded.
+/// The first such run marks, a run a grace period later sweeps.
+fn gc_to_the_end(c: &Cairn, all_old_at: Instant) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut reports = Vec::new();
     loop {
@@ -58,7 +59,7 @@ fn gc_to_the_end(c: &Cairn) -> Vec<serde_json::Value> {
         let pending = v["marks_pending"].as_array().map_or(0, Vec::len);
         let marked = !v["mark"].is_null();
         reports.push(v);
-        if pending == 0 && !marked {
+        if pending == 0 && !marked && Instant::now() > all_old_at {
             return reports;
         }
         assert!(Instant::now() < deadline, "gc never finished: {reports:#?}");
@@ -111,6 +112,9 @@ fn expire_and_gc_return_the_repository_to_what_retained_backups_need() {
         sizes.push(bytes_under(Path::new(&all.repo)));
     }
     let before = bytes_under(Path::new(&all.repo));
+    // The grace period (10 s) after the last write, with a second of margin
+    // for the store's whole-second timestamps.
+    let all_old_at = Instant::now() + Duration::from_secs(12);
 
     let plan = all.ok(&[
         "expire",
@@ -129,7 +133,7 @@ fn expire_and_gc_return_the_repository_to_what_retained_backups_need() {
         Some(KEEP as usize),
         "{listed:#}"
     );
-    let reports = gc_to_the_end(&all);
+    let reports = gc_to_the_end(&all, all_old_at);
     let after = bytes_under(Path::new(&all.repo));
     let need = bytes_under(Path::new(&kept_only.repo));
     let reclaimed: u64 = reports

@@ -235,7 +235,10 @@ fn concurrent_backups_archiving_expire_and_gc_killed_at_random() {
     // The collector finishes whatever killed runs left: run it until no
     // mark is pending (each run refuses while a killed collector's lease is
     // younger than the grace period; bounded).
-    let deadline = Instant::now() + Duration::from_secs(180);
+    // Done once nothing is pending or newly marked after every pack has
+    // become older than the grace period (30 s, plus a second of margin).
+    let all_old_at = Instant::now() + Duration::from_secs(32);
+    let deadline = Instant::now() + Duration::from_secs(240);
     loop {
         let o = cairn.run(&["gc", "--format", "json"], &[]);
         if o.status.success() {
@@ -243,7 +246,7 @@ fn concurrent_backups_archiving_expire_and_gc_killed_at_random() {
                 serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
             let pending = v["marks_pending"].as_array().map_or(0, Vec::len);
             let new_mark = !v["mark"].is_null();
-            if pending == 0 && !new_mark {
+            if pending == 0 && !new_mark && Instant::now() > all_old_at {
                 println!("gc done: {v}");
                 break;
             }

@@ -644,7 +644,19 @@ impl Facts {
         repo: &Repository,
         facts: &[BackupFacts],
     ) -> Result<Option<ServerWindow>> {
-        let Some((b, _)) = self.backups.iter().zip(facts).find(|(_, f)| f.wal_complete) else {
+        // A pinned backup keeps only its own WAL, so the window opens at
+        // the oldest complete unpinned backup (a pinned one only when no
+        // other is complete).
+        let complete = || {
+            self.backups
+                .iter()
+                .zip(facts)
+                .filter(|(_, f)| f.wal_complete)
+        };
+        let Some((b, _)) = complete()
+            .find(|(_, f)| !f.pinned)
+            .or_else(|| complete().next())
+        else {
             return Ok(None);
         };
         let r = self.archive.recoverable_from_backup(&b.meta)?;
