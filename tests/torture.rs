@@ -246,7 +246,8 @@ fn concurrent_backups_archiving_expire_and_gc_killed_at_random() {
                 serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
             let pending = v["marks_pending"].as_array().map_or(0, Vec::len);
             let new_mark = !v["mark"].is_null();
-            if pending == 0 && !new_mark && Instant::now() > all_old_at {
+            let young_uploads = v["incomplete_uploads"]["young"].as_u64().unwrap_or(1);
+            if pending == 0 && !new_mark && young_uploads == 0 && Instant::now() > all_old_at {
                 println!("gc done: {v}");
                 break;
             }
@@ -254,6 +255,25 @@ fn concurrent_backups_archiving_expire_and_gc_killed_at_random() {
         assert!(Instant::now() < deadline, "gc never finished: {}", text(&o));
         std::thread::sleep(Duration::from_millis(500));
     }
+
+    // Killed writers' staging files (`<key>#<n>`, hidden from listings)
+    // are gone too.
+    let mut dirs = vec![std::path::PathBuf::from(&cairn.repo)];
+    let mut staged = Vec::new();
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(&dir).expect("read repo dir") {
+            let p = e.expect("dir entry").path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.rsplit_once('#')
+                    .is_some_and(|(_, d)| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+            }) {
+                staged.push(p);
+            }
+        }
+    }
+    assert!(staged.is_empty(), "staging files left behind: {staged:?}");
 
     let o = cairn.run(&["verify", "--read-data", "--format", "json"], &[]);
     assert!(o.status.success(), "verify after the torture: {}", text(&o));

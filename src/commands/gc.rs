@@ -93,7 +93,17 @@ pub fn print_report(r: &GcReport) {
     if r.leases_removed > 0 {
         println!("removed {} stale lease(s)", r.leases_removed);
     }
-    println!("multipart uploads: {}", r.multipart_uploads);
+    let u = &r.incomplete_uploads;
+    match &u.note {
+        Some(why) if !u.checked => println!("incomplete uploads: {why}"),
+        _ => println!(
+            "incomplete uploads: {} found, {} {would}aborted ({}), {} younger than the grace period left",
+            u.found,
+            u.aborted,
+            human_bytes(u.bytes_aborted),
+            u.young
+        ),
+    }
     for d in &r.refused {
         eprintln!(
             "WARNING: the store refused to delete {} ({}); object lock or permissions? It is left in place and tried again by the next run only",

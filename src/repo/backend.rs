@@ -25,6 +25,7 @@ use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use super::error::{RepoError, Result};
+use super::uploads::{IncompleteUpload, S3Uploads, UploadListing, Uploads};
 
 /// What a listing or `head` tells about one object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +107,18 @@ pub trait Backend: Send + Sync + Debug {
     /// ending in `/`, or empty). Complete or an error.
     async fn list(&self, prefix: &str) -> BResult<Vec<ObjectInfo>>;
     async fn delete(&self, key: &str) -> BResult<()>;
+    /// Uploads begun and never completed (see `uploads`), or `None` with
+    /// the reason when the store cannot list them.
+    async fn incomplete_uploads(&self) -> BResult<UploadListing> {
+        Ok(UploadListing::Unsupported(
+            "this backend cannot list incomplete uploads".into(),
+        ))
+    }
+    async fn abort_upload(&self, _upload: &IncompleteUpload) -> BResult<()> {
+        Err(BackendError::Permanent(
+            "this backend cannot abort incomplete uploads".into(),
+        ))
+    }
 }
 
 pub type DynBackend = Arc<dyn Backend>;
@@ -115,6 +128,7 @@ pub type DynBackend = Arc<dyn Backend>;
 pub struct ObjectStoreBackend {
     store: Arc<dyn ObjectStore>,
     location: String,
+    uploads: Uploads,
 }
 
 fn classify(e: object_store::Error) -> BackendError {
@@ -132,8 +146,12 @@ fn store_path(key: &str) -> BResult<StorePath> {
 }
 
 impl ObjectStoreBackend {
-    pub fn new(store: Arc<dyn ObjectStore>, location: String) -> Self {
-        ObjectStoreBackend { store, location }
+    pub fn new(store: Arc<dyn ObjectStore>, location: String, uploads: Uploads) -> Self {
+        ObjectStoreBackend {
+            store,
+            location,
+            uploads,
+        }
     }
 
     /// Open a repository location: `file:///path`, a plain path,
@@ -154,6 +172,9 @@ impl ObjectStoreBackend {
             Some((b, p)) => (b.to_string(), p.trim_matches('/').to_string()),
             None => (rest.clone(), String::new()),
         };
+        let mut uploads = Uploads::Unsupported(
+            "not listed: object_store offers no listing of this store's incomplete uploads; pgcairn writes single-part objects and starts none (Azure discards uncommitted blocks after 7 days; on GCS an AbortIncompleteMultipartUpload lifecycle rule covers other writers)",
+        );
         let store: Arc<dyn ObjectStore> = match scheme.as_str() {
             "file" => {
                 let path = if url.contains("://") {
@@ -182,15 +203,16 @@ impl ObjectStoreBackend {
                 return Ok(ObjectStoreBackend::new(
                     Arc::new(fs),
                     format!("file://{}", path.display()),
+                    Uploads::Local(path),
                 ));
             }
             "s3" | "s3a" => {
-                let s3 = object_store::aws::AmazonS3Builder::from_env()
+                let builder = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(&bucket)
-                    .with_retry(retry_config())
-                    .build()
-                    .map_err(|e| bad(e.to_string()))?;
-                Arc::new(s3)
+                    .with_retry(retry_config());
+                let s3 = Arc::new(builder.clone().build().map_err(|e| bad(e.to_string()))?);
+                uploads = Uploads::S3(S3Uploads::new(&builder, s3.clone(), &prefix).map_err(bad)?);
+                s3
             }
             "gs" => {
                 let gcs = object_store::gcp::GoogleCloudStorageBuilder::from_env()
@@ -222,7 +244,7 @@ impl ObjectStoreBackend {
         } else {
             Arc::new(PrefixStore::new(store, prefix.as_str()))
         };
-        Ok(ObjectStoreBackend::new(store, url.to_string()))
+        Ok(ObjectStoreBackend::new(store, url.to_string(), uploads))
     }
 }
 
@@ -307,6 +329,14 @@ impl Backend for ObjectStoreBackend {
         let path = store_path(key)?;
         self.store.delete(&path).await.map_err(classify)
     }
+
+    async fn incomplete_uploads(&self) -> BResult<UploadListing> {
+        self.uploads.list().await
+    }
+
+    async fn abort_upload(&self, upload: &IncompleteUpload) -> BResult<()> {
+        self.uploads.abort(upload).await
+    }
 }
 
 /// Retries transient failures with exponential backoff. A create that fails
@@ -373,6 +403,12 @@ impl<B: Backend> Backend for Retrying<B> {
     }
     async fn delete(&self, key: &str) -> BResult<()> {
         self.run(|| self.inner.delete(key)).await
+    }
+    async fn incomplete_uploads(&self) -> BResult<UploadListing> {
+        self.run(|| self.inner.incomplete_uploads()).await
+    }
+    async fn abort_upload(&self, upload: &IncompleteUpload) -> BResult<()> {
+        self.run(|| self.inner.abort_upload(upload)).await
     }
 }
 

@@ -19,7 +19,9 @@
 //!    [`REPACK_GARBAGE_SHARE`] garbage bytes have their live chunks copied
 //!    into new packs (indexed) and are condemned too; then the mark is
 //!    written;
-//! 5. deletes leases not renewed for a grace period, and its own lease.
+//! 5. deletes leases not renewed for a grace period, aborts incomplete
+//!    uploads (a killed writer's staging files, leftover S3 multipart
+//!    uploads) begun more than a grace period ago, and releases its lease.
 //!
 //! Deleting superseded index objects *before* the packs they name (the spec
 //! once listed the packs first) means a collector killed between the two
@@ -37,6 +39,7 @@ use super::format::{now_unix, ChunkId, Kind, PackId};
 use super::index::{build_index, index_object, Location, PackInfo};
 use super::lease::{open_doc, CondemnedPack, GcMark, Lease, LeaseDoc, LEASES_PREFIX, MARKS_PREFIX};
 use super::pack::{open_chunk, pack_id_from_key, pack_object, ChunkKeys, PackEntry, SealedChunk};
+use super::uploads::UploadListing;
 use super::Repository;
 
 /// A pack older than the grace period whose garbage is more than this share
@@ -51,9 +54,6 @@ const COMPACT_ENTRIES: usize = 256 * 1024;
 /// Index objects below half of [`COMPACT_ENTRIES`] count as small; once
 /// there are this many, they are merged.
 const SMALL_INDEX_OBJECTS: usize = 8;
-
-/// What `object_store` offers about leftover multipart uploads.
-pub const MULTIPART_NOTE: &str = "not checked: object_store cannot list multipart uploads; pgcairn writes every object as a single-part upload and never starts one";
 
 /// Points at which a test can stop a run as if the process had been
 /// killed there (the lease is left behind, nothing is cleaned up).
@@ -161,7 +161,24 @@ pub struct GcReport {
     /// Deletes the store refused (object lock, permissions): reported once
     /// per run, never retried in a loop.
     pub refused: Vec<RefusedDelete>,
-    pub multipart_uploads: &'static str,
+    pub incomplete_uploads: UploadsReport,
+}
+
+/// Uploads begun and never completed (see `repo::uploads`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UploadsReport {
+    /// False when the store cannot list them; `note` says why.
+    pub checked: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    pub found: u64,
+    /// Begun more than a grace period ago and aborted (or, in a dry run,
+    /// to be aborted).
+    pub aborted: u64,
+    /// Bytes they held, where the store says (local staging files).
+    pub bytes_aborted: u64,
+    /// Younger than the grace period: possibly a running writer's, left.
+    pub young: u64,
 }
 
 /// Per-pack totals from the index.
@@ -217,7 +234,6 @@ impl Repository {
         let mut report = GcReport {
             dry_run: opts.dry_run,
             grace_period_secs: grace,
-            multipart_uploads: MULTIPART_NOTE,
             ..Default::default()
         };
         let lease = if opts.dry_run {
@@ -538,6 +554,7 @@ impl Repository {
         dry_run: bool,
         stored: &HashMap<PackId, ObjectInfo>,
     ) -> Result<()> {
+        self.abort_uploads(dry_run, report).await?;
         report.pack_bytes_after = if dry_run {
             stored.values().map(|o| o.size).sum()
         } else {
@@ -895,6 +912,48 @@ impl Repository {
                 false
             }
         }
+    }
+
+    /// Abort uploads begun more than a grace period ago by the store's
+    /// clock: no running writer is that old (a writer's session is shorter
+    /// than the grace period). A refused abort is reported like a refused
+    /// delete; a failed listing fails the run.
+    async fn abort_uploads(&self, dry_run: bool, report: &mut GcReport) -> Result<()> {
+        let b = &*self.inner.backend;
+        let uploads = match b
+            .incomplete_uploads()
+            .await
+            .map_err(|e| e.into_repo("list incomplete uploads", ""))?
+        {
+            UploadListing::Listed(u) => u,
+            UploadListing::Unsupported(why) => {
+                report.incomplete_uploads.note = Some(why);
+                return Ok(());
+            }
+        };
+        report.incomplete_uploads.checked = true;
+        for u in uploads {
+            report.incomplete_uploads.found += 1;
+            if report.store_time - u.started <= report.grace_period_secs {
+                report.incomplete_uploads.young += 1;
+                continue;
+            }
+            if !dry_run {
+                match b.abort_upload(&u).await {
+                    Ok(()) | Err(BackendError::NotFound) => {}
+                    Err(e) => {
+                        report.refused.push(RefusedDelete {
+                            object: format!("{} (incomplete upload {})", u.key, u.id),
+                            error: e.to_string(),
+                        });
+                        continue;
+                    }
+                }
+            }
+            report.incomplete_uploads.aborted += 1;
+            report.incomplete_uploads.bytes_aborted += u.size.unwrap_or(0);
+        }
+        Ok(())
     }
 
     async fn remove_leases(&self, stale: &[String], dry_run: bool, report: &mut GcReport) {

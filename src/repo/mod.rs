@@ -20,6 +20,7 @@ pub mod lease;
 pub mod manifest;
 pub mod pack;
 pub mod store;
+pub mod uploads;
 pub mod verify;
 
 use std::path::PathBuf;
