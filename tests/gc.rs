@@ -216,19 +216,20 @@ async fn s3_gc_returns_size_to_what_retained_backups_need() {
     reclaim(&t, &fresh).await;
 }
 
-/// A writer that reuses chunks after they were marked rescues them, and
-/// the sweep keeps what it needs.
+/// A writer deduplicates against a pack that a collector condemns while
+/// the writer runs: at commit it sees the new mark and rescues the chunks
+/// (stores them again), and the sweep keeps what it needs. A writer that
+/// starts after the mark stores them anew instead.
 async fn reused_chunk_survives(t: &TestRepo) {
     let old = vec![random_bytes(700 * 1024, 7), random_bytes(300 * 1024, 8)];
     commit(&t.repo, "backups/a/1", &old).await;
     t.repo.delete_manifest("backups/a/1").await.unwrap();
     wait_grace(&t.repo).await;
-    let mark = gc(&t.repo).await;
-    assert!(mark.packs_condemned > 0, "{mark:#?}");
 
-    // After the mark: the same data again; commit sees the mark.
     let w = t.repo.writer("test").await.unwrap();
     let s = w.store_bytes(old[0].clone()).await.unwrap();
+    let mark = gc(&t.repo).await;
+    assert!(mark.packs_condemned > 0, "{mark:#?}");
     w.commit(&manifest(
         "backups/a/2",
         Value::Null,
@@ -239,17 +240,32 @@ async fn reused_chunk_survives(t: &TestRepo) {
     let st = w.finish().await.unwrap();
     assert!(st.chunks_reused > 0 && st.chunks_rescued > 0, "{st:?}");
 
+    let w = t.repo.writer("test").await.unwrap();
+    let s = w.store_bytes(old[1].clone()).await.unwrap();
+    w.commit(&manifest(
+        "backups/a/3",
+        Value::Null,
+        vec![entry("f0", s, Value::Null)],
+    ))
+    .await
+    .unwrap();
+    let st = w.finish().await.unwrap();
+    assert!(st.chunks_new > 0 && st.chunks_rescued == 0, "{st:?}");
+
     wait_grace(&t.repo).await;
     let sweep = gc(&t.repo).await;
     assert_eq!(sweep.marks_swept, 1, "{sweep:#?}");
     assert!(sweep.packs_swept > 0, "{sweep:#?}");
-    let expected = BTreeMap::from([("backups/a/2".to_string(), vec![old[0].clone()])]);
+    let expected = BTreeMap::from([
+        ("backups/a/2".to_string(), vec![old[0].clone()]),
+        ("backups/a/3".to_string(), vec![old[1].clone()]),
+    ]);
     assert_sound(&t.url, &expected).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_chunk_reused_during_grace_period_survives() {
-    let t = local_repo(gc_init(2)).await;
+    let t = local_repo(gc_init(4)).await;
     reused_chunk_survives(&t).await;
 }
 
@@ -257,6 +273,41 @@ async fn local_chunk_reused_during_grace_period_survives() {
 async fn s3_chunk_reused_during_grace_period_survives() {
     let t = s3_repo(gc_init(5)).await;
     reused_chunk_survives(&t).await;
+}
+
+/// A mark older than a writer's session falls due while the writer runs
+/// (the session starts late in the mark's grace period): the writer did
+/// not deduplicate against the condemned pack, so the sweep deleting it
+/// mid-session breaks nothing, and the commit succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mark_swept_during_a_writer_session_breaks_nothing() {
+    let t = local_repo(gc_init(6)).await;
+    let old = vec![random_bytes(600 * 1024, 31)];
+    commit(&t.repo, "backups/a/1", &old).await;
+    t.repo.delete_manifest("backups/a/1").await.unwrap();
+    wait_grace(&t.repo).await;
+    let mark = gc(&t.repo).await;
+    let key = mark.mark.clone().expect("a mark");
+    let marked_at = t.repo.backend().head(&key).await.unwrap().modified;
+    wait_store_past(&t.repo, marked_at + 4).await;
+
+    let w = t.repo.writer("test").await.unwrap();
+    let s = w.store_bytes(old[0].clone()).await.unwrap();
+    wait_store_past(&t.repo, marked_at + 6).await;
+    let sweep = gc(&t.repo).await;
+    assert_eq!(sweep.marks_swept, 1, "{sweep:#?}");
+    assert!(sweep.packs_swept > 0, "{sweep:#?}");
+    w.commit(&manifest(
+        "backups/a/2",
+        Value::Null,
+        vec![entry("f0", s, Value::Null)],
+    ))
+    .await
+    .expect("commit after the sweep");
+    let st = w.finish().await.unwrap();
+    assert!(st.chunks_new > 0 && st.chunks_rescued == 0, "{st:?}");
+    let expected = BTreeMap::from([("backups/a/2".to_string(), old)]);
+    assert_sound(&t.url, &expected).await;
 }
 
 /// A writer that read the marks before the mark existed and committed
@@ -572,6 +623,68 @@ async fn second_collector_is_refused_and_dry_run_writes_nothing() {
     assert!(r.leases_removed >= 1, "the dead collector's lease: {r:#?}");
 }
 
+/// Run by `killed_collector_on_this_machine_does_not_block` as a separate
+/// process (this test binary again, this test selected): it takes a
+/// collector's lease through the real code path, says so, and waits to be
+/// killed. Does nothing when run on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "helper process for killed_collector_on_this_machine_does_not_block"]
+async fn collector_lease_holder() {
+    let Ok(url) = std::env::var("PGCAIRN_TEST_LEASE_HOLDER_REPO") else {
+        return;
+    };
+    let (r, _cache) = reopen(&url).await;
+    let stop = GcOptions {
+        stop_after: Some(GcStep::Locked),
+        ..GcOptions::default()
+    };
+    assert!(r.gc(&stop, &()).await.is_err(), "stopped after locking");
+    println!("lease-held");
+    std::future::pending::<()>().await;
+}
+
+/// A collector killed on this machine does not block the next one for a
+/// grace period: its lease names a process that has ended. While that
+/// process lives, the next collector is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_collector_on_this_machine_does_not_block() {
+    use tokio::io::AsyncBufReadExt;
+    let t = local_repo(gc_init(600)).await;
+    commit(&t.repo, "backups/a/1", &[random_bytes(64 * 1024, 9)]).await;
+    let mut holder = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "collector_lease_holder",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("PGCAIRN_TEST_LEASE_HOLDER_REPO", &t.url)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the lease holder");
+    let mut lines = tokio::io::BufReader::new(holder.stdout.take().expect("stdout")).lines();
+    loop {
+        let line = lines.next_line().await.expect("read holder");
+        match line {
+            Some(l) if l.trim() == "lease-held" => break,
+            Some(_) => continue,
+            None => panic!("the lease holder exited: {:?}", holder.wait().await),
+        }
+    }
+    let e = t.repo.gc(&GcOptions::default(), &()).await.unwrap_err();
+    assert!(e.to_string().contains("still running on this host"), "{e}");
+    holder.kill().await.expect("kill the holder");
+    // A grace period of 600 s has not passed: only the ended process frees it.
+    let r = gc(&t.repo).await;
+    assert!(
+        r.leases_removed >= 1,
+        "the killed collector's lease: {r:#?}"
+    );
+    let leases = backend::list(&*t.repo.backend(), "leases/").await.unwrap();
+    assert!(leases.is_empty(), "{leases:?}");
+}
+
 async fn write_one(repo: &Repository, name: &str, files: &[Vec<u8>]) -> Result<(), RepoError> {
     let w = repo.writer("test").await?;
     let mut entries = Vec::new();
@@ -686,8 +799,8 @@ async fn torture_writers_and_killed_collectors() {
                 None if seed % 4 != 0 => {
                     child.kill().await.unwrap();
                     killed += 1;
-                    // Its lease blocks the next collector for a grace period.
-                    wait_grace(&t.repo).await;
+                    // Its lease names a process that has ended: the next
+                    // collector takes over at once.
                 }
                 _ => {
                     let out = child.wait_with_output().await.unwrap();
@@ -721,6 +834,8 @@ async fn torture_writers_and_killed_collectors() {
         println!("  writer failure: {f}");
     }
     assert!(killed > 5, "too few kills");
+    // Collectors run one after another here, and a killed one has ended.
+    assert_eq!(refused, 0, "a killed collector's lease blocked the next");
     assert!(expected.len() > 10, "too few commits");
     assert_sound(&t.url, &expected).await;
 

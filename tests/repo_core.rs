@@ -374,10 +374,10 @@ async fn writer_rescues_chunks_in_condemned_packs() {
     let (opts, _c) = fresh_opts();
     let pw = || Ok(Zeroizing::new(PASS.to_vec()));
     let r = Repository::open(&t.url, &pw, opts).await.unwrap();
-    r.write_mark(&mark).await.unwrap();
-
-    // A new backup of the same data reuses those chunks; commit must rescue them.
+    // A writer whose session began before the mark deduplicates against the
+    // condemned pack; commit must rescue those chunks.
     let w = r.writer("t").await.unwrap();
+    r.write_mark(&mark).await.unwrap();
     let s = w.store_bytes(data.clone()).await.unwrap();
     w.commit(&manifest(
         "backups/x/2",
@@ -392,6 +392,21 @@ async fn writer_rescues_chunks_in_condemned_packs() {
         m1.entries[0].chunks.len(),
         "{st:?}"
     );
+    // A writer that starts after the mark relies only on copies outside the
+    // condemned pack (which may be swept during its session): the rescued ones.
+    let w = r.writer("t").await.unwrap();
+    let s3 = w.store_bytes(data.clone()).await.unwrap();
+    w.commit(&manifest(
+        "backups/x/3",
+        Value::Null,
+        vec![entry("f", s3, Value::Null)],
+    ))
+    .await
+    .unwrap();
+    let st3 = w.finish().await.unwrap();
+    assert_eq!(st3.chunks_rescued, 0, "{st3:?}");
+    assert_eq!(st3.chunks_new, 0, "{st3:?}");
+    assert_eq!(st3.chunks_reused, st.chunks_reused, "{st3:?} vs {st:?}");
 
     // The sweep deletes the condemned pack; the new backup still restores
     // (the reader meets the missing pack and uses the rescued copy).

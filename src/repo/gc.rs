@@ -4,7 +4,8 @@
 //! One run:
 //! 1. registers its own lease (purpose `gc`), measures the clock skew
 //!    against the store's timestamp of that lease, and refuses to run when
-//!    another collector's lease is younger than the grace period;
+//!    another collector's lease is younger than the grace period (unless
+//!    it names a process on this machine that has ended);
 //! 2. lists marks, index objects, packs and manifests, and computes the set
 //!    of live chunk ids (the only per-chunk state held for the whole run);
 //!    any failed listing, unreadable index page or unreadable manifest
@@ -37,7 +38,9 @@ use super::crypto::random_id;
 use super::error::{RepoError, Result};
 use super::format::{now_unix, ChunkId, Kind, PackId};
 use super::index::{build_index, index_object, Location, PackInfo};
-use super::lease::{open_doc, CondemnedPack, GcMark, Lease, LeaseDoc, LEASES_PREFIX, MARKS_PREFIX};
+use super::lease::{
+    holder_has_ended, open_doc, CondemnedPack, GcMark, Lease, LeaseDoc, LEASES_PREFIX, MARKS_PREFIX,
+};
 use super::pack::{open_chunk, pack_id_from_key, pack_object, ChunkKeys, PackEntry, SealedChunk};
 use super::uploads::UploadListing;
 use super::Repository;
@@ -337,15 +340,24 @@ impl Repository {
             let doc: LeaseDoc =
                 open_doc(&inner.sealer, &inner.repo_id, Kind::Lease, &o.key, &bytes)?;
             if doc.purpose == "gc" && !opts.dry_run {
+                // A collector killed on this machine is known to be gone.
+                if holder_has_ended(&doc) {
+                    stale_leases.push(o.key);
+                    continue;
+                }
+                let hint = if doc.hostname == super::keys::hostname() {
+                    "that process is still running on this host: wait for it to finish".to_string()
+                } else {
+                    format!("a lease from another host counts until it is {grace} s old: if that collector is gone, rerun after that")
+                };
                 return Err(RepoError::invalid(
                     "gc",
                     format!(
-                        "another collector holds {} (host {}, pid {}), renewed {} s ago by the store's clock; only one runs at a time. A collector's lease counts until it is {} s old: if that process is gone, rerun after that",
+                        "another collector holds {} (host {}, pid {}), renewed {} s ago by the store's clock; only one runs at a time, and {hint}",
                         o.key,
                         doc.hostname,
                         doc.pid,
                         now - o.modified,
-                        grace
                     ),
                 ));
             }

@@ -37,6 +37,72 @@ pub struct LeaseDoc {
     /// The writer's own clock; informational only (ages use store time).
     pub started_local: i64,
     pub renewed_local: i64,
+    /// Absent in leases written before it was recorded, or off Linux.
+    #[serde(default)]
+    pub process: Option<ProcessIdentity>,
+}
+
+/// Where a lease's process runs, precisely enough for a process on the same
+/// machine to tell that it has ended: a killed collector's lease then stops
+/// blocking the next collector at once instead of after a grace period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessIdentity {
+    /// The kernel's boot id: pids compare only within one boot.
+    pub boot_id: String,
+    /// The pid namespace: containers on one kernel share the boot id.
+    pub pid_namespace: String,
+    /// Start time in clock ticks since boot, which tells a reused pid from
+    /// the process that wrote the lease.
+    pub start_ticks: u64,
+}
+
+impl ProcessIdentity {
+    pub fn current() -> Option<ProcessIdentity> {
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        let ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+        Some(ProcessIdentity {
+            boot_id: boot_id.trim().to_string(),
+            pid_namespace: ns.to_string_lossy().into_owned(),
+            start_ticks: start_ticks("self")?,
+        })
+    }
+}
+
+/// Field 22 of `/proc/<pid>/stat` (the command name, field 2, may hold
+/// spaces and parentheses, so fields are counted after its closing one).
+fn start_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the process holding a lease has certainly ended: it ran on this
+/// machine, in this boot and pid namespace, and its pid is gone or now
+/// belongs to a process started at another time. Anything unknown (another
+/// host, an older lease, an unreadable /proc) answers "not ended".
+pub fn holder_has_ended(doc: &LeaseDoc) -> bool {
+    let (Some(theirs), Some(mine)) = (&doc.process, ProcessIdentity::current()) else {
+        return false;
+    };
+    if doc.hostname != super::keys::hostname()
+        || theirs.boot_id != mine.boot_id
+        || theirs.pid_namespace != mine.pid_namespace
+    {
+        return false;
+    }
+    let Ok(pid) = libc::pid_t::try_from(doc.pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the pid exists; nothing is sent.
+    let exists = unsafe { libc::kill(pid, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    if !exists {
+        return true;
+    }
+    matches!(start_ticks(&doc.pid.to_string()), Some(t) if t != theirs.start_ticks)
 }
 
 /// A collector's mark: packs it will delete once the grace period has passed,
@@ -107,6 +173,7 @@ impl Lease {
             purpose: purpose.into(),
             started_local: now,
             renewed_local: now,
+            process: ProcessIdentity::current(),
         };
         let bytes = seal_doc(&sealer, &repo_id, Kind::Lease, &key, &doc)?;
         backend::put_immutable(&*backend, &key, Bytes::from(bytes)).await?;
@@ -241,3 +308,50 @@ pub async fn load_marks(b: &DynBackend, s: &Sealer, r: &[u8; 16]) -> Result<Cond
 }
 
 pub type SharedBackend = Arc<dyn backend::Backend>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn own_doc() -> LeaseDoc {
+        LeaseDoc {
+            id: "x".into(),
+            hostname: super::super::keys::hostname(),
+            pid: std::process::id(),
+            purpose: "gc".into(),
+            started_local: 0,
+            renewed_local: 0,
+            process: ProcessIdentity::current(),
+        }
+    }
+
+    #[test]
+    fn only_a_process_known_to_have_ended_has_ended() {
+        let mine = own_doc();
+        assert!(mine.process.is_some(), "Linux /proc gives an identity");
+        assert!(!holder_has_ended(&mine), "this process is running");
+        let mut reused = own_doc();
+        if let Some(p) = reused.process.as_mut() {
+            p.start_ticks += 1;
+        }
+        assert!(holder_has_ended(&reused), "same pid, other start: reused");
+        let elsewhere = LeaseDoc {
+            hostname: "another-host".into(),
+            ..reused.clone()
+        };
+        assert!(!holder_has_ended(&elsewhere), "another host is unknown");
+        let other_ns = LeaseDoc {
+            process: reused.process.clone().map(|p| ProcessIdentity {
+                pid_namespace: "pid:[1]".into(),
+                ..p
+            }),
+            ..reused.clone()
+        };
+        assert!(!holder_has_ended(&other_ns), "another namespace is unknown");
+        let older = LeaseDoc {
+            process: None,
+            ..reused
+        };
+        assert!(!holder_has_ended(&older), "no identity recorded");
+    }
+}

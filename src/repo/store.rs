@@ -108,6 +108,12 @@ pub struct WriteStats {
 
 struct Shared {
     inner: Arc<Inner>,
+    /// Marks as read when the session started, before its first index
+    /// lookup. A chunk whose every copy is in a pack they condemn is not
+    /// deduplicated against but stored again: such a pack may be swept
+    /// while this writer runs (a mark older than the session is due within
+    /// it), and a mark swept is no longer listed at commit.
+    marks_at_start: Condemned,
     seen: Mutex<HashSet<ChunkId>>,
     stats: Mutex<WriteStats>,
     level: i32,
@@ -125,11 +131,6 @@ struct Packers {
 pub struct Writer {
     shared: Arc<Shared>,
     lease: Option<Lease>,
-    /// Marks as read when the session started, before its first index
-    /// lookup: a mark swept (and deleted) while this writer runs is no
-    /// longer listed at commit, but its packs may still be in the index
-    /// this writer deduplicated against.
-    marks_at_start: Condemned,
     cpu: Arc<Semaphore>,
     packers: tokio::sync::Mutex<Packers>,
     uploads: tokio::sync::Mutex<JoinSet<Result<Uploaded>>>,
@@ -172,12 +173,12 @@ impl Writer {
         Ok(Writer {
             shared: Arc::new(Shared {
                 inner,
+                marks_at_start,
                 seen: Mutex::new(HashSet::new()),
                 stats: Mutex::new(WriteStats::default()),
                 level,
             }),
             lease: Some(lease),
-            marks_at_start,
             cpu: Arc::new(Semaphore::new(workers)),
             packers: tokio::sync::Mutex::new(Packers {
                 data: PackBuilder::new(ChunkKind::Data),
@@ -480,14 +481,16 @@ impl Writer {
 
     /// The writer's side of two-phase deletion: any chunk this manifest
     /// references that a collector has marked as garbage, and that has no
-    /// copy outside condemned packs, is read back and stored again.
+    /// copy outside condemned packs, is read back and stored again. Marks
+    /// older than the session were honoured while storing (no dedup
+    /// against their packs); these are the marks written since, whose
+    /// packs stay until well after this session ends.
     async fn rescue_condemned(&self, manifest: &Manifest, body: &[ChunkRef]) -> Result<()> {
         let inner = self.shared.inner.clone();
         let mut condemned = load_marks(&inner.backend, &inner.sealer, &inner.repo_id).await?;
-        condemned
-            .packs
-            .extend(self.marks_at_start.packs.iter().copied());
-        for (c, p) in &self.marks_at_start.garbage {
+        let at_start = &self.shared.marks_at_start;
+        condemned.packs.extend(at_start.packs.iter().copied());
+        for (c, p) in &at_start.garbage {
             condemned.garbage.entry(*c).or_insert(*p);
         }
         if condemned.garbage.is_empty() {
@@ -542,6 +545,22 @@ impl Writer {
     }
 }
 
+impl Shared {
+    /// Whether the chunk is stored in a pack this session may rely on: any
+    /// pack, unless the marks read at the start list the chunk as garbage,
+    /// in which case a copy outside their condemned packs.
+    fn stored_safely(&self, id: &ChunkId) -> Result<bool> {
+        let index = &self.inner.index;
+        if !self.marks_at_start.garbage.contains_key(id) {
+            return Ok(index.lookup(id)?.is_some());
+        }
+        Ok(index
+            .lookup_all(id)?
+            .iter()
+            .any(|l| !self.marks_at_start.packs.contains(&l.pack)))
+    }
+}
+
 /// Hash a chunk and decide: already stored (reuse) or new (compress, seal).
 fn process_chunk(
     shared: &Shared,
@@ -552,7 +571,7 @@ fn process_chunk(
     let id = ChunkId(chunk_id(&inner.keys.chunk_id, &data));
     let len = data.len() as u32;
     let first_in_session = lock(&shared.seen).insert(id);
-    let known = !first_in_session || inner.index.lookup(&id)?.is_some();
+    let known = !first_in_session || shared.stored_safely(&id)?;
     if known {
         let mut st = lock(&shared.stats);
         st.chunks_reused += 1;
