@@ -158,6 +158,17 @@ pub struct KeepArgs {
     /// Why it is kept (shown by `show`).
     #[arg(long, conflicts_with = "release")]
     pub note: Option<String>,
+    /// What is kept besides the backup (Barman's `keep --target`):
+    /// `standalone`, its own WAL (restorable to its end); `full`, every WAL
+    /// file from its start on (restorable to any later point).
+    #[arg(long, value_enum, default_value_t = KeepTarget::Standalone, conflicts_with = "release")]
+    pub target: KeepTarget,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeepTarget {
+    Standalone,
+    Full,
 }
 
 #[derive(Debug, Args)]

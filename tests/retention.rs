@@ -144,6 +144,41 @@ fn restore_and_start(cairn: &Cairn, d: &Path, id: &str, name: &str, extra: &[&st
     c
 }
 
+/// Back up `c` and return the id of the backup that ended last. Backup
+/// ids are the start time in whole seconds: the next one starts in a later
+/// second than the last one ended.
+fn take_backup(
+    cairn: &Cairn,
+    c: &Cluster,
+    config: &Path,
+    last_backup: &std::cell::Cell<u64>,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while unix_secs() <= last_backup.get() {
+        assert!(Instant::now() < deadline, "the clock does not advance");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pgdata = c.pgdata.to_string_lossy().to_string();
+    cairn.ok(&[
+        "backup",
+        "--server",
+        "main",
+        "--pgdata",
+        &pgdata,
+        "--conninfo",
+        &c.conninfo(),
+        "--fast-checkpoint",
+    ]);
+    last_backup.set(unix_secs());
+    let rows = list(cairn, config);
+    rows.iter()
+        .max_by_key(|r| r["end_time"].as_i64().unwrap())
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 #[test]
 fn expire_redundancy_across_a_timeline_switch_with_a_pin() {
     let dir = user_dir();
@@ -158,35 +193,7 @@ fn expire_redundancy_across_a_timeline_switch_with_a_pin() {
         "[server.main]\nretention_policy = \"REDUNDANCY 2\"\nminimum_redundancy = 2\n",
     );
     let last_backup = std::cell::Cell::new(0u64);
-    let backup = |c: &Cluster| -> String {
-        // Backup ids are the start time in whole seconds: start the next
-        // one in a later second than the last one ended.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while unix_secs() <= last_backup.get() {
-            assert!(Instant::now() < deadline, "the clock does not advance");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let pgdata = c.pgdata.to_string_lossy().to_string();
-        cairn.ok(&[
-            "backup",
-            "--server",
-            "main",
-            "--pgdata",
-            &pgdata,
-            "--conninfo",
-            &c.conninfo(),
-            "--fast-checkpoint",
-        ]);
-        last_backup.set(unix_secs());
-        // The id of the backup that ended last.
-        let rows = list(&cairn, &policy);
-        rows.iter()
-            .max_by_key(|r| r["end_time"].as_i64().unwrap())
-            .unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let backup = |c: &Cluster| take_backup(&cairn, c, &policy, &last_backup);
 
     src.psql("CREATE TABLE m1 AS SELECT 1 AS x");
     let b1 = backup(&src);
@@ -387,4 +394,92 @@ fn expire_redundancy_across_a_timeline_switch_with_a_pin() {
     assert!(!has(&archived(&cairn.repo), &meta(&b2, "start_wal")));
     let o = cairn.run(&["verify", "--server", "main"], &[]);
     assert!(o.status.success(), "verify after delete: {}", text(&o));
+}
+
+/// `keep --target full` (Barman's): the pinned backup keeps every WAL file
+/// from its start on, so after `expire` it still restores to a point after
+/// its end, which a standalone pin would have lost.
+#[test]
+fn a_full_pin_stays_restorable_to_a_later_point() {
+    let dir = user_dir();
+    let d = dir.path();
+    let cairn = Cairn::new(d);
+    let mut src = Cluster::init(d, "src", &[]);
+    archiving(&src, &cairn, d);
+    src.start();
+    let policy = write_config(
+        d,
+        "pgcairn.toml",
+        "[server.main]\nretention_policy = \"REDUNDANCY 1\"\n",
+    );
+    let last = std::cell::Cell::new(0u64);
+    let b1 = take_backup(&cairn, &src, &policy, &last);
+    src.psql("CREATE TABLE m1 AS SELECT 1 AS x");
+    switch_and_wait(&src);
+    let b2 = take_backup(&cairn, &src, &policy, &last);
+    let out = cairn.ok(&["keep", "--server", "main", &b2, "--target", "full"]);
+    assert!(out.contains("any later point"), "{out}");
+    src.psql("CREATE TABLE later AS SELECT 7 AS x");
+    src.psql("SELECT pg_create_restore_point('after_b2')");
+    switch_and_wait(&src);
+    src.psql("CREATE TABLE m3 AS SELECT 3 AS x");
+    switch_and_wait(&src);
+    let b3 = take_backup(&cairn, &src, &policy, &last);
+    switch_and_wait(&src);
+    src.stop();
+
+    let cfg = policy.to_str().unwrap();
+    let dry = |cairn: &Cairn| -> serde_json::Value {
+        let out = cairn.ok(&[
+            "--config",
+            cfg,
+            "expire",
+            "--server",
+            "main",
+            "--dry-run",
+            "--format",
+            "json",
+        ]);
+        serde_json::from_str(&out).unwrap()
+    };
+    // The contrast: pinned standalone, the WAL between b2 and b3 would go.
+    cairn.ok(&["keep", "--server", "main", &b2, "--release"]);
+    cairn.ok(&["keep", "--server", "main", &b2]);
+    let standalone = dry(&cairn)["plan"]["remove_wal"].as_array().unwrap().len();
+    cairn.ok(&["keep", "--server", "main", &b2, "--release"]);
+    cairn.ok(&["keep", "--server", "main", &b2, "--target", "full"]);
+    let o = cairn.run(&["keep", "--server", "main", &b2], &[]);
+    assert!(
+        !o.status.success(),
+        "a pin's target is not changed silently"
+    );
+    assert!(
+        text(&o).contains("already pinned with target full"),
+        "{}",
+        text(&o)
+    );
+    let full = dry(&cairn)["plan"]["remove_wal"].as_array().unwrap().len();
+    assert!(full > 0, "WAL before b2 goes");
+    assert!(
+        standalone > full,
+        "standalone removes {standalone} WAL files, full only {full}"
+    );
+
+    cairn.ok(&["--config", cfg, "expire", "--server", "main"]);
+    let rows = list(&cairn, &policy);
+    assert_eq!(status_of(&rows, &b1), "absent");
+    assert_eq!(status_of(&rows, &b2), "pinned");
+    assert_eq!(status_of(&rows, &b3), "kept");
+    let out = cairn.ok(&["show", "--server", "main", &b2]);
+    assert!(out.contains("target full"), "{out}");
+    let o = cairn.run(&["verify", "--server", "main"], &[]);
+    assert!(o.status.success(), "verify after expire: {}", text(&o));
+
+    // b2 restores to the restore point after its end.
+    let r = restore_and_start(&cairn, d, &b2, "r2", &["--target-name", "after_b2"]);
+    assert_eq!(r.psql("SELECT x FROM later"), "7");
+    assert_eq!(
+        r.psql("SELECT count(*) FROM pg_class WHERE relname = 'm3'"),
+        "0"
+    );
 }

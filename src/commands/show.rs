@@ -66,8 +66,9 @@ pub async fn run(ctx: &Ctx, a: ShowArgs) -> Result<()> {
     }
     if let Some(p) = pin {
         println!(
-            "pinned           since {}{}",
+            "pinned           since {}, target {}{}",
             utc_stamp(p.pinned),
+            p.target,
             if p.note.is_empty() {
                 String::new()
             } else {

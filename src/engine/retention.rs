@@ -10,13 +10,17 @@
 //!   Only backups whose WAL from start to stop is archived count; the others
 //!   are "incomplete" and left alone (`delete` removes them). Pinned backups
 //!   (`pgcairn keep`) are never removed and do not count toward redundancy.
-//! - One departure: a pinned backup keeps only its own WAL (Barman's
-//!   `keep:standalone`), so it never serves as the backup a recovery window
-//!   starts from; the newest unpinned one before the window's start does.
+//! - Pins, as Barman's `keep`: by default a pinned backup keeps only its
+//!   own WAL (`--target standalone`), so it stays restorable to its end; with
+//!   `--target full` it keeps every WAL file from its start on, on every
+//!   timeline, so it stays restorable to any later point. Either way it
+//!   never serves as the backup a recovery window starts from; the newest
+//!   unpinned one before the window's start does.
 //!
 //! WAL: every segment, `.partial` and `.backup` file numbered below the
 //! oldest retained backup's start segment goes, on every timeline, except
-//! what a pinned backup needs from its own start to its stop. WAL positions
+//! what a pinned backup needs from its own start to its stop and, for a
+//! full pin, everything from its start on. WAL positions
 //! grow monotonically across timeline switches, so everything a retained
 //! backup needs, and every timeline recovery can follow from the oldest one,
 //! lies at or above that segment: the promised window stays covered.
@@ -202,6 +206,8 @@ pub struct BackupFacts {
     /// Its WAL from start to stop is archived (or inside it).
     pub wal_complete: bool,
     pub pinned: bool,
+    /// Pinned with `--target full`: every WAL file from its start on stays.
+    pub full_pin: bool,
     /// The segments it needs from start to stop: what a pinned backup keeps.
     pub own_wal: Vec<SegmentId>,
 }
@@ -231,6 +237,11 @@ pub fn classify(backups: &[BackupFacts], rules: &Rules, now: i64) -> Vec<BackupV
     // Pinned and incomplete backups are decided before the policy counts.
     let pre = |b: &BackupFacts| -> Option<(Status, String)> {
         match (b.pinned, b.wal_complete) {
+            (true, true) if b.full_pin => Some((
+                Status::Pinned,
+                "pinned (pgcairn keep --target full): it and every WAL file from its start on stay"
+                    .into(),
+            )),
             (true, true) => Some((Status::Pinned, "pinned (pgcairn keep)".into())),
             (true, false) => Some((
                 Status::Pinned,
@@ -391,13 +402,20 @@ pub fn plan_for(
         .filter(|&&i| verdicts[i].status == Status::Pinned)
         .flat_map(|&i| backups[i].own_wal.iter().copied())
         .collect();
+    // Nothing from a full pin's start on goes, whatever its timeline.
+    let full_pin_floor = idx
+        .iter()
+        .filter(|&&i| verdicts[i].status == Status::Pinned && backups[i].full_pin)
+        .map(|&i| backups[i].start_segno)
+        .min()
+        .unwrap_or(u64::MAX);
     let mut remove: Vec<(u64, u32, &str)> = Vec::new();
     if let Some(c) = cutoff {
         for f in &archive.files {
             let (Some(segno), Some(kind)) = (f.segno(), &f.kind) else {
                 continue;
             };
-            if segno >= c.start_segno {
+            if segno >= c.start_segno || segno >= full_pin_floor {
                 continue;
             }
             let timeline = kind.timeline();
@@ -497,6 +515,29 @@ pub struct PinMeta {
     pub backup_id: String,
     pub pinned: i64,
     pub note: String,
+    /// Absent in pins written before targets existed: standalone.
+    #[serde(default)]
+    pub target: PinTarget,
+}
+
+/// What a pin keeps besides the backup, named as Barman's `keep --target`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinTarget {
+    /// Its own WAL from start to stop: restorable to its end point.
+    #[default]
+    Standalone,
+    /// Every WAL file from its start on: restorable to any later point.
+    Full,
+}
+
+impl fmt::Display for PinTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PinTarget::Standalone => "standalone",
+            PinTarget::Full => "full",
+        })
+    }
 }
 
 /// Every pin of `server`, by backup id.
@@ -522,19 +563,37 @@ pub async fn is_pinned(repo: &Repository, server: &str, id: &str) -> Result<bool
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PinOutcome {
     Pinned,
-    AlreadyPinned,
+    /// Already pinned, with this target.
+    AlreadyPinned(PinTarget),
+}
+
+/// The pin of a backup, if any; only "not found" means none.
+pub async fn pin_of(repo: &Repository, server: &str, id: &str) -> Result<Option<PinMeta>> {
+    let name = pin_name(server, id);
+    match repo.manifest_meta(&name).await {
+        Ok(v) => Ok(Some(from_value(&v, &name)?)),
+        Err(RepoError::NotFound { key }) if key.ends_with(&name) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Pin a backup: a manifest with no entries, written create-if-absent.
-pub async fn pin(repo: &Repository, server: &str, id: &str, note: &str) -> Result<PinOutcome> {
-    if is_pinned(repo, server, id).await? {
-        return Ok(PinOutcome::AlreadyPinned);
+pub async fn pin(
+    repo: &Repository,
+    server: &str,
+    id: &str,
+    note: &str,
+    target: PinTarget,
+) -> Result<PinOutcome> {
+    if let Some(p) = pin_of(repo, server, id).await? {
+        return Ok(PinOutcome::AlreadyPinned(p.target));
     }
     let meta = PinMeta {
         server: server.into(),
         backup_id: id.into(),
         pinned: now_unix(),
         note: note.into(),
+        target,
     };
     let w = repo.writer(&format!("keep {server}/{id}")).await?;
     let r = w
@@ -548,7 +607,14 @@ pub async fn pin(repo: &Repository, server: &str, id: &str, note: &str) -> Resul
     match r {
         Ok(()) => Ok(PinOutcome::Pinned),
         // Pinned by someone else at the same moment.
-        Err(RepoError::Conflict { .. }) => Ok(PinOutcome::AlreadyPinned),
+        Err(RepoError::Conflict { .. }) => match pin_of(repo, server, id).await? {
+            Some(p) => Ok(PinOutcome::AlreadyPinned(p.target)),
+            None => Err(RepoError::invalid(
+                "keep",
+                format!("the pin of backup {id} of server {server} conflicted and then vanished; run keep again"),
+            )
+            .into()),
+        },
         Err(e) => Err(e.into()),
     }
 }
@@ -630,6 +696,10 @@ impl Facts {
                     start_segno: first,
                     wal_complete: need.complete(),
                     pinned: self.pins.contains_key(&m.backup_id),
+                    full_pin: self
+                        .pins
+                        .get(&m.backup_id)
+                        .is_some_and(|p| p.target == PinTarget::Full),
                     own_wal: need.needed,
                 })
             })
@@ -644,9 +714,9 @@ impl Facts {
         repo: &Repository,
         facts: &[BackupFacts],
     ) -> Result<Option<ServerWindow>> {
-        // A pinned backup keeps only its own WAL, so the window opens at
-        // the oldest complete unpinned backup (a pinned one only when no
-        // other is complete).
+        // A standalone pin keeps only its own WAL, so the window opens at
+        // the oldest complete backup that is unpinned or fully pinned (a
+        // standalone-pinned one only when no other is complete).
         let complete = || {
             self.backups
                 .iter()
@@ -654,7 +724,7 @@ impl Facts {
                 .filter(|(_, f)| f.wal_complete)
         };
         let Some((b, _)) = complete()
-            .find(|(_, f)| !f.pinned)
+            .find(|(_, f)| !f.pinned || f.full_pin)
             .or_else(|| complete().next())
         else {
             return Ok(None);

@@ -45,6 +45,8 @@ struct World {
     /// (id, timeline, first segno, last segno, stop time)
     backups: Vec<(String, u32, u64, u64, i64)>,
     pinned: Vec<String>,
+    /// Pinned with `--target full` (a subset of `pinned`).
+    full_pins: Vec<String>,
     now: i64,
 }
 
@@ -66,6 +68,7 @@ fn generate(rng: &mut Rng) -> World {
         histories: BTreeMap::new(),
         backups: Vec::new(),
         pinned: Vec::new(),
+        full_pins: Vec::new(),
         now: 0,
     };
     let mut t: i64 = 1_800_000_000;
@@ -109,6 +112,9 @@ fn generate(rng: &mut Rng) -> World {
                 let id = format!("b{:08x}", rng.next() as u32);
                 if rng.chance(12) {
                     w.pinned.push(id.clone());
+                    if rng.chance(50) {
+                        w.full_pins.push(id.clone());
+                    }
                 }
                 w.backups.push((id, tl.id, first, last, stop));
                 t += rng.below(30 * HOUR as u64) as i64;
@@ -170,6 +176,7 @@ fn facts(a: &WalArchive, w: &World) -> Vec<BackupFacts> {
                 start_segno: *first,
                 wal_complete: need.complete(),
                 pinned: w.pinned.contains(id),
+                full_pin: w.full_pins.contains(id),
                 own_wal: need.needed,
             }
         })
@@ -233,6 +240,7 @@ fn generated_histories_never_lose_what_is_retained() {
     let mut checked_plans = 0;
     let mut removed_wal = 0;
     let mut forks = 0;
+    let mut full_pins_checked = 0;
     for seed in 1..=400u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let w = generate(&mut rng);
@@ -332,13 +340,17 @@ fn generated_histories_never_lose_what_is_retained() {
             let f = before.files.iter().find(|f| &f.manifest == n).unwrap();
             assert!(f.segno().unwrap() < cutoff.unwrap(), "{ctx}: {n}");
         }
-        // Every retained backup's window is unchanged by the plan.
+        // Every retained backup's window, and a full pin's, is unchanged
+        // by the plan.
         let after = archive_of(&apply(&w.names, &p.remove_wal), &w.histories);
         for (b, raw) in backups.iter().zip(&w.backups) {
-            if matches!(
-                status[b.backup_id.as_str()],
-                Status::Kept | Status::MinimumRedundancy
-            ) {
+            let s = status[b.backup_id.as_str()];
+            if b.full_pin {
+                full_pins_checked += 1;
+            }
+            if matches!(s, Status::Kept | Status::MinimumRedundancy)
+                || (s == Status::Pinned && b.full_pin)
+            {
                 let end = Lsn((raw.3 + 1) * SEG - 1);
                 assert_eq!(
                     before.recoverable_from(raw.1, raw.2, end),
@@ -388,6 +400,7 @@ fn generated_histories_never_lose_what_is_retained() {
     }
     // The generator exercised what it is meant to.
     assert!(forks > 100, "{forks} forks");
+    assert!(full_pins_checked > 50, "{full_pins_checked} full pins");
     assert!(removed_wal > 1000, "{removed_wal} WAL files removed");
     assert_eq!(checked_plans, 400);
 }
@@ -400,6 +413,7 @@ fn fact(id: &str, stop: i64, start: u64, complete: bool, pinned: bool) -> Backup
         start_segno: start,
         wal_complete: complete,
         pinned,
+        full_pin: false,
         own_wal: vec![SegmentId {
             timeline: 1,
             segno: start,
@@ -567,4 +581,53 @@ fn delete_honours_pins_and_minimum_redundancy() {
         ]
     );
     assert!(plan_delete(&a, &b, "nope", 0, false, 0).is_err());
+}
+
+#[test]
+fn a_full_pin_keeps_every_wal_file_from_its_start_on() {
+    // Timeline 1 to segment 8, timeline 2 forked at segment 5.
+    let mut names: Vec<String> = (1..=8)
+        .map(|s| wal_name("s", 7, 1, &segment_name(1, s, SEG)))
+        .collect();
+    names.extend((5..=9).map(|s| wal_name("s", 7, 2, &segment_name(2, s, SEG))));
+    let a = WalArchive::from_names("s", 7, SEG, names, BTreeMap::new());
+    let mut b = vec![
+        fact("p", 100, 2, true, true),
+        fact("x", 200, 4, true, false),
+        fact("y", 300, 8, true, false),
+    ];
+    let rules = Rules {
+        policy: Some(Policy::Redundancy(1)),
+        minimum_redundancy: 0,
+    };
+    let removed = |b: &[BackupFacts]| -> Vec<(u32, u64)> {
+        plan(&a, b, &rules, 1000)
+            .remove_wal
+            .iter()
+            .map(|n| {
+                let f = a.files.iter().find(|f| &f.manifest == n).unwrap();
+                (f.kind.as_ref().unwrap().timeline(), f.segno().unwrap())
+            })
+            .collect()
+    };
+    // Standalone: only p's own segment 2 stays below y's start.
+    assert_eq!(
+        removed(&b),
+        vec![
+            (1, 1),
+            (1, 3),
+            (1, 4),
+            (1, 5),
+            (2, 5),
+            (1, 6),
+            (2, 6),
+            (1, 7),
+            (2, 7)
+        ]
+    );
+    // Full: everything from segment 2 on stays, on both timelines.
+    b[0].full_pin = true;
+    assert_eq!(removed(&b), vec![(1, 1)]);
+    let v = plan(&a, &b, &rules, 1000);
+    assert_eq!(v.remove_backups, vec!["x".to_string()]);
 }
