@@ -410,7 +410,9 @@ fn a_full_pin_stays_restorable_to_a_later_point() {
     let policy = write_config(
         d,
         "pgcairn.toml",
-        "[server.main]\nretention_policy = \"REDUNDANCY 1\"\n",
+        "[server.main]\nretention_policy = \"REDUNDANCY 1\"\n\
+         [server.other]\nretention_policy = \"REDUNDANCY 3\"\n\
+         [server.third]\n",
     );
     let last = std::cell::Cell::new(0u64);
     let b1 = take_backup(&cairn, &src, &policy, &last);
@@ -465,7 +467,11 @@ fn a_full_pin_stays_restorable_to_a_later_point() {
         "standalone removes {standalone} WAL files, full only {full}"
     );
 
-    cairn.ok(&["--config", cfg, "expire", "--server", "main"]);
+    // Without --server, every configured server: one cron line.
+    let out = cairn.ok(&["--config", cfg, "expire"]);
+    assert!(out.contains("server main: policy REDUNDANCY 1"), "{out}");
+    assert!(out.contains("server other: policy REDUNDANCY 3"), "{out}");
+    assert!(out.contains("server third: no retention_policy"), "{out}");
     let rows = list(&cairn, &policy);
     assert_eq!(status_of(&rows, &b1), "absent");
     assert_eq!(status_of(&rows, &b2), "pinned");

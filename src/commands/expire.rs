@@ -173,9 +173,9 @@ pub async fn print_and_run(
     Ok(None)
 }
 
-pub async fn run(ctx: &Ctx, a: ExpireArgs) -> Result<()> {
-    let server = ctx.server_name(&a.server)?;
-    let mut rules = configured_rules(ctx, &server)?;
+/// The rules for `server`: its configuration, overridden by the flags.
+fn rules_for(ctx: &Ctx, a: &ExpireArgs, server: &str) -> Result<Rules> {
+    let mut rules = configured_rules(ctx, server)?;
     if let Some(n) = a.keep_last {
         rules.policy = Some(Policy::Redundancy(n));
     }
@@ -185,35 +185,96 @@ pub async fn run(ctx: &Ctx, a: ExpireArgs) -> Result<()> {
     if let Some(m) = a.minimum_redundancy {
         rules.minimum_redundancy = m;
     }
-    if rules.policy.is_none() {
+    Ok(rules)
+}
+
+/// Without `--server` and with several servers configured, every one of
+/// them (as `barman cron` does): one cron line for the repository.
+fn servers_to_expire(ctx: &Ctx, a: &ExpireArgs) -> Result<(Vec<String>, bool)> {
+    if a.server.server.is_none() && ctx.settings.server.len() > 1 {
+        let mut names: Vec<String> = ctx.settings.server.keys().cloned().collect();
+        names.sort();
+        for n in &names {
+            crate::engine::catalog::validate_server(n).map_err(anyhow::Error::msg)?;
+        }
+        return Ok((names, true));
+    }
+    Ok((vec![ctx.server_name(&a.server)?], false))
+}
+
+pub async fn run(ctx: &Ctx, a: ExpireArgs) -> Result<()> {
+    let (servers, all) = servers_to_expire(ctx, &a)?;
+    let json = ctx.global.format == Format::Json;
+    let mut work = Vec::new();
+    for server in servers {
+        let rules = rules_for(ctx, &a, &server)?;
+        if rules.policy.is_some() {
+            work.push((server, rules));
+        } else if all {
+            if !json {
+                println!("server {server}: no retention_policy in [server.{server}]; skipped");
+            }
+        } else {
+            anyhow::bail!(
+                "server {server} has no retention policy: set retention_policy in [server.{server}] \
+                 (e.g. \"REDUNDANCY 2\" or \"RECOVERY WINDOW OF 7 DAYS\") or pass --keep-last N / --keep-within 7d"
+            );
+        }
+    }
+    if work.is_empty() {
         anyhow::bail!(
-            "server {server} has no retention policy: set retention_policy in [server.{server}] \
-             (e.g. \"REDUNDANCY 2\" or \"RECOVERY WINDOW OF 7 DAYS\") or pass --keep-last N / --keep-within 7d"
+            "none of the configured servers has a retention policy: set retention_policy in their \
+             [server.NAME] tables or pass --keep-last N / --keep-within 7d"
         );
     }
     let repo = ctx.open().await?;
-    let facts = retention::load(&repo, &server).await?;
-    let backups = facts.backup_facts()?;
-    let plan = retention::plan(&facts.archive, &backups, &rules, now_unix());
-    let report = print_and_run(ctx, &repo, &plan, a.dry_run).await?;
+    let mut reports = Vec::new();
+    let mut failed = Vec::new();
+    for (server, rules) in &work {
+        let one = async {
+            let facts = retention::load(&repo, server).await?;
+            let backups = facts.backup_facts()?;
+            let plan = retention::plan(&facts.archive, &backups, rules, now_unix());
+            print_and_run(ctx, &repo, &plan, a.dry_run).await
+        };
+        match one.await {
+            Ok(r) => reports.extend(r),
+            // One server's failure does not stop the others' retention.
+            Err(e) if all => {
+                eprintln!("pgcairn: error: expiring server {server}: {e:#}");
+                failed.push(server.clone());
+            }
+            Err(e) => return Err(e),
+        }
+    }
     // `--gc`: one command for cron. What expire just removed becomes
     // garbage now and is reclaimed a grace period later, by a later run.
     let gc = if a.gc && !a.dry_run {
         let r = super::gc::collect(&repo).await?;
-        if report.is_none() {
+        if !json {
             super::gc::print_report(&r);
         }
         Some(r)
     } else {
         None
     };
-    match (report, gc) {
-        (Some(e), Some(g)) => println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "expire": e, "gc": g }))?
-        ),
-        (Some(e), None) => println!("{}", serde_json::to_string_pretty(&e)?),
-        (None, _) => {}
+    if json {
+        let v = match (all, reports.pop(), gc) {
+            (true, last, g) => {
+                reports.extend(last);
+                serde_json::json!({ "expire": reports, "gc": g })
+            }
+            (false, Some(e), Some(g)) => serde_json::json!({ "expire": e, "gc": g }),
+            (false, Some(e), None) => e,
+            (false, None, _) => serde_json::Value::Null,
+        };
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "expire failed for server(s) {} (errors above); the other servers were expired",
+            failed.join(", ")
+        );
     }
     Ok(())
 }
