@@ -19,6 +19,7 @@ pub mod keys;
 pub mod lease;
 pub mod manifest;
 pub mod pack;
+pub mod read;
 pub mod store;
 pub mod uploads;
 pub mod verify;
@@ -121,6 +122,9 @@ pub(crate) struct Inner {
     pub key_id: String,
     pub master: MasterKey,
     pub opts: OpenOptions,
+    /// Ranged pack reads issued by restores and manifest reads: what a
+    /// restore costs in object-store requests.
+    pub pack_reads: std::sync::atomic::AtomicU64,
 }
 
 /// An open, unlocked repository.
@@ -320,6 +324,7 @@ impl Repository {
                 key_id,
                 master,
                 opts,
+                pack_reads: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -462,7 +467,7 @@ impl Repository {
     /// currently loaded.
     pub(crate) async fn read_entries(&self, name: &str, doc: ManifestDoc) -> Result<Manifest> {
         let mut body = Vec::with_capacity(doc.body_len as usize);
-        store::read_refs(&self.inner, &doc.body, &mut body).await?;
+        read::read_refs(&self.inner, &doc.body, &mut body).await?;
         let object = manifest_object(name);
         if body.len() as u64 != doc.body_len || blake3::hash(&body).as_bytes() != &doc.body_hash.0 {
             return Err(RepoError::corrupt(
@@ -491,12 +496,12 @@ impl Repository {
         out: &mut W,
     ) -> Result<()> {
         let mut hasher = blake3::Hasher::new();
-        let mut tee = store::HashingWriter {
+        let mut tee = read::HashingWriter {
             inner: out,
             hasher: &mut hasher,
             written: 0,
         };
-        store::read_refs(&self.inner, &entry.chunks, &mut tee).await?;
+        read::read_refs(&self.inner, &entry.chunks, &mut tee).await?;
         let written = tee.written;
         if written != entry.size || hasher.finalize().as_bytes() != &entry.hash.0 {
             return Err(RepoError::corrupt(
@@ -505,6 +510,13 @@ impl Repository {
             ));
         }
         Ok(())
+    }
+
+    /// Ranged pack reads this handle has issued to read chunks.
+    pub fn pack_reads(&self) -> u64 {
+        self.inner
+            .pack_reads
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub async fn info(&self) -> Result<RepoInfo> {

@@ -14,11 +14,11 @@
 //! (in `commit`) the manifest.
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -28,12 +28,11 @@ use super::chunker::stream_chunker;
 use super::crypto::chunk_id;
 use super::error::{RepoError, Result};
 use super::format::{now_unix, to_cbor, ChunkId, Kind};
-use super::index::{build_index, index_object, Location, PackInfo};
+use super::index::{build_index, index_object, PackInfo};
 use super::lease::{load_marks, seal_doc, Condemned, Lease};
 use super::manifest::{manifest_object, validate_name, ChunkRef, Entry, Manifest, ManifestDoc};
-use super::pack::{
-    open_chunk, pack_object, seal_chunk, ChunkKeys, ChunkKind, PackBuilder, PackEntry, SealedChunk,
-};
+use super::pack::{pack_object, seal_chunk, ChunkKind, PackBuilder, PackEntry, SealedChunk};
+use super::read::fetch_chunk;
 use super::Inner;
 
 /// How a stream is cut into chunks.
@@ -584,223 +583,6 @@ fn process_chunk(
     st.bytes_new_raw += len as u64;
     st.bytes_new_stored += sealed.blob.len() as u64;
     Ok((ChunkRef(id, len), Some(sealed)))
-}
-
-/// Fetch and open one chunk at a known location.
-async fn fetch_chunk(inner: &Arc<Inner>, id: &ChunkId, loc: &Location) -> Result<Vec<u8>> {
-    let object = pack_object(&loc.pack);
-    let range = loc.offset as u64..loc.offset as u64 + loc.length as u64;
-    let blob = match inner.backend.get_range(&object, range).await {
-        Ok(b) => b,
-        Err(e) => return Err(e.into_repo("read", &object)),
-    };
-    let inner2 = inner.clone();
-    let id = *id;
-    let kind = loc.kind;
-    let raw = loc.raw_length;
-    let max = inner.config.chunker.max_size as usize;
-    tokio::task::spawn_blocking(move || {
-        let keys = ChunkKeys {
-            sealer: &inner2.sealer,
-            repo_id: &inner2.repo_id,
-            id_key: &inner2.keys.chunk_id,
-        };
-        open_chunk(&keys, kind, &id, &blob, (raw as usize).min(max), &object)
-    })
-    .await?
-}
-
-/// Find and read one chunk. A pack that has gone missing (collected and
-/// re-packed since our index was loaded) makes us reload the index once;
-/// a damaged copy makes us try the other copies before giving up.
-async fn read_chunk(inner: &Arc<Inner>, id: ChunkId) -> Result<Vec<u8>> {
-    let mut reloaded = false;
-    loop {
-        let locs = {
-            let index = inner.index.clone();
-            tokio::task::spawn_blocking(move || index.lookup_all(&id)).await??
-        };
-        let mut missing_pack = None;
-        let mut damaged = None;
-        for loc in &locs {
-            match fetch_chunk(inner, &id, loc).await {
-                Ok(d) => return Ok(d),
-                Err(RepoError::NotFound { key }) => missing_pack = Some(key),
-                Err(e @ RepoError::Corrupt { .. }) => {
-                    damaged.get_or_insert(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        if let Some(e) = damaged {
-            return Err(e);
-        }
-        if reloaded {
-            return Err(match missing_pack {
-                Some(key) => RepoError::corrupt(key, format!("pack holding chunk {id} is missing")),
-                None => RepoError::corrupt(
-                    format!("chunk {id}"),
-                    "referenced but in no index object (run `pgcairn verify`)",
-                ),
-            });
-        }
-        inner.index.refresh().await?;
-        reloaded = true;
-    }
-}
-
-/// Most plaintext bytes fetched with one ranged read when coalescing
-/// chunks: with `io_depth` runs in flight per stream and a few streams at
-/// once, this bounds a restore's memory.
-const MAX_RUN_RAW: u64 = 2 << 20;
-
-/// Consecutive chunks stored back to back in one pack, fetched with one
-/// ranged read: a file's new chunks are packed in file order, so restoring
-/// it is a few large reads instead of one request per chunk.
-struct Run {
-    refs: Vec<ChunkRef>,
-    locs: Vec<Location>,
-}
-
-/// Group `refs` into runs by their first index location.
-fn plan_runs(inner: &Inner, refs: &[ChunkRef]) -> Result<Vec<Run>> {
-    let mut runs: Vec<Run> = Vec::new();
-    for r in refs {
-        let Some(loc) = inner.index.lookup(&r.0)? else {
-            // Not in the index as loaded: read_chunk reloads it once.
-            runs.push(Run {
-                refs: vec![*r],
-                locs: Vec::new(),
-            });
-            continue;
-        };
-        if let Some(last) = runs.last_mut() {
-            if let Some(prev) = last.locs.last() {
-                let raw: u64 = last.locs.iter().map(|l| l.raw_length as u64).sum();
-                if prev.pack == loc.pack
-                    && prev.offset as u64 + prev.length as u64 == loc.offset as u64
-                    && raw + loc.raw_length as u64 <= MAX_RUN_RAW
-                {
-                    last.refs.push(*r);
-                    last.locs.push(loc);
-                    continue;
-                }
-            }
-        }
-        runs.push(Run {
-            refs: vec![*r],
-            locs: vec![loc],
-        });
-    }
-    Ok(runs)
-}
-
-/// Read a run with one request. Any failure (a pack collected since the
-/// index was loaded, a damaged blob) falls back to chunk-by-chunk reads,
-/// which reload the index and try other copies before reporting.
-async fn read_run(inner: &Arc<Inner>, run: Run) -> Result<Vec<Vec<u8>>> {
-    if run.locs.len() == run.refs.len() && run.locs.len() > 1 {
-        let first = run.locs[0];
-        let last = run.locs[run.locs.len() - 1];
-        let object = pack_object(&first.pack);
-        let range = first.offset as u64..last.offset as u64 + last.length as u64;
-        if let Ok(blob) = inner.backend.get_range(&object, range).await {
-            let inner2 = inner.clone();
-            let refs = run.refs.clone();
-            let locs = run.locs.clone();
-            let opened = tokio::task::spawn_blocking(move || {
-                let keys = ChunkKeys {
-                    sealer: &inner2.sealer,
-                    repo_id: &inner2.repo_id,
-                    id_key: &inner2.keys.chunk_id,
-                };
-                let max = inner2.config.chunker.max_size as usize;
-                refs.iter()
-                    .zip(&locs)
-                    .map(|(r, l)| {
-                        let at = (l.offset - first.offset) as usize;
-                        let b = blob
-                            .get(at..at + l.length as usize)
-                            .ok_or_else(|| RepoError::corrupt(&object, "short ranged read"))?;
-                        open_chunk(
-                            &keys,
-                            l.kind,
-                            &r.0,
-                            b,
-                            (l.raw_length as usize).min(max),
-                            &object,
-                        )
-                    })
-                    .collect::<Result<Vec<_>>>()
-            })
-            .await?;
-            if let Ok(v) = opened {
-                return Ok(v);
-            }
-        }
-    }
-    let mut out = Vec::with_capacity(run.refs.len());
-    for r in &run.refs {
-        out.push(read_chunk(inner, r.0).await?);
-    }
-    Ok(out)
-}
-
-/// Write the chunks' bytes to `out` in order, fetching ahead in parallel.
-pub(crate) async fn read_refs<W: Write + Send>(
-    inner: &Arc<Inner>,
-    refs: &[ChunkRef],
-    out: &mut W,
-) -> Result<()> {
-    let depth = inner.opts.io_depth.max(1);
-    let runs = {
-        let inner = inner.clone();
-        let refs = refs.to_vec();
-        tokio::task::spawn_blocking(move || plan_runs(&inner, &refs)).await??
-    };
-    let mut s = futures::stream::iter(runs)
-        .map(|run| {
-            let inner = inner.clone();
-            async move {
-                let refs = run.refs.clone();
-                let data = read_run(&inner, run).await?;
-                for (r, d) in refs.iter().zip(&data) {
-                    if d.len() != r.1 as usize {
-                        return Err(RepoError::corrupt(
-                            format!("chunk {}", r.0),
-                            "length differs from the reference",
-                        ));
-                    }
-                }
-                Ok::<_, RepoError>(data)
-            }
-        })
-        .buffered(depth);
-    while let Some(run) = s.try_next().await? {
-        for d in run {
-            out.write_all(&d)
-                .map_err(|e| RepoError::io("writing restored data", e))?;
-        }
-    }
-    Ok(())
-}
-
-pub(crate) struct HashingWriter<'a, W: Write> {
-    pub inner: &'a mut W,
-    pub hasher: &'a mut blake3::Hasher,
-    pub written: u64,
-}
-
-impl<W: Write> Write for HashingWriter<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.written += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 /// Build an [`Entry`] from a stored stream.

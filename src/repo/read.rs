@@ -1,0 +1,332 @@
+//! The reading side of the store: chunk references back to bytes.
+//!
+//! Reads are planned per window of a stream: the window's distinct chunks
+//! are looked up, grouped by pack and merged into few ranged reads, so
+//! restoring a file whose blocks were written by many backups costs a few
+//! requests per window, not one per chunk. Any read that fails falls back
+//! to [`read_chunk`], which reloads the index and tries every copy before
+//! reporting a chunk missing or damaged.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+
+use super::error::{RepoError, Result};
+use super::format::ChunkId;
+use super::index::Location;
+use super::manifest::ChunkRef;
+use super::pack::{open_chunk, pack_object, ChunkKeys};
+use super::Inner;
+
+/// Fetch and open one chunk at a known location.
+pub(crate) async fn fetch_chunk(
+    inner: &Arc<Inner>,
+    id: &ChunkId,
+    loc: &Location,
+) -> Result<Vec<u8>> {
+    let object = pack_object(&loc.pack);
+    let range = loc.offset as u64..loc.offset as u64 + loc.length as u64;
+    inner.pack_reads.fetch_add(1, Ordering::Relaxed);
+    let blob = match inner.backend.get_range(&object, range).await {
+        Ok(b) => b,
+        Err(e) => return Err(e.into_repo("read", &object)),
+    };
+    let inner2 = inner.clone();
+    let id = *id;
+    let kind = loc.kind;
+    let raw = loc.raw_length;
+    let max = inner.config.chunker.max_size as usize;
+    tokio::task::spawn_blocking(move || {
+        let keys = ChunkKeys {
+            sealer: &inner2.sealer,
+            repo_id: &inner2.repo_id,
+            id_key: &inner2.keys.chunk_id,
+        };
+        open_chunk(&keys, kind, &id, &blob, (raw as usize).min(max), &object)
+    })
+    .await?
+}
+
+/// Find and read one chunk. A pack that has gone missing (collected and
+/// re-packed since our index was loaded) makes us reload the index once;
+/// a damaged copy makes us try the other copies before giving up.
+async fn read_chunk(inner: &Arc<Inner>, id: ChunkId) -> Result<Vec<u8>> {
+    let mut reloaded = false;
+    loop {
+        let locs = {
+            let index = inner.index.clone();
+            tokio::task::spawn_blocking(move || index.lookup_all(&id)).await??
+        };
+        let mut missing_pack = None;
+        let mut damaged = None;
+        for loc in &locs {
+            match fetch_chunk(inner, &id, loc).await {
+                Ok(d) => return Ok(d),
+                Err(RepoError::NotFound { key }) => missing_pack = Some(key),
+                Err(e @ RepoError::Corrupt { .. }) => {
+                    damaged.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(e) = damaged {
+            return Err(e);
+        }
+        if reloaded {
+            return Err(match missing_pack {
+                Some(key) => RepoError::corrupt(key, format!("pack holding chunk {id} is missing")),
+                None => RepoError::corrupt(
+                    format!("chunk {id}"),
+                    "referenced but in no index object (run `pgcairn verify`)",
+                ),
+            });
+        }
+        inner.index.refresh().await?;
+        reloaded = true;
+    }
+}
+
+/// Plaintext bytes in one read window. A window's chunks are fetched
+/// together, grouped by pack: after weeks of incremental backups a file's
+/// blocks come from many backups' packs, interleaved, and reading them in
+/// file order would cost one request per chunk.
+const WINDOW_RAW: u64 = 4 << 20;
+
+/// Windows in flight per stream: with [`WINDOW_RAW`], what bounds a
+/// stream's memory.
+const READ_AHEAD: usize = 2;
+
+/// Stored bytes between two wanted blobs of one pack that are read and
+/// dropped rather than paying for a second request (an object store
+/// request costs about as much as this many bytes of transfer).
+const MAX_GAP: u64 = 256 << 10;
+
+/// Largest single ranged read.
+const MAX_RANGE: u64 = 8 << 20;
+
+/// One ranged read of a pack and the distinct blobs it covers.
+struct Fetch {
+    start: u64,
+    end: u64,
+    /// Indexes into [`Window::blobs`].
+    members: Vec<usize>,
+}
+
+/// Chunks read together. `slots[i]` says where `refs[i]`'s bytes come
+/// from: a distinct blob of the window, or (`None`) a chunk the loaded
+/// index lacks, read on its own (which reloads the index once).
+struct Window {
+    refs: Vec<ChunkRef>,
+    slots: Vec<Option<usize>>,
+    blobs: Vec<(ChunkId, Location)>,
+    fetches: Vec<Fetch>,
+}
+
+/// Cut `refs` into windows and plan each window's ranged reads.
+fn plan_windows(inner: &Inner, refs: &[ChunkRef]) -> Result<Vec<Window>> {
+    let mut windows = Vec::new();
+    let mut rest = refs;
+    while !rest.is_empty() {
+        let mut raw = 0u64;
+        let mut n = 0;
+        while n < rest.len() && (n == 0 || raw + rest[n].1 as u64 <= WINDOW_RAW) {
+            raw += rest[n].1 as u64;
+            n += 1;
+        }
+        windows.push(plan_window(inner, &rest[..n])?);
+        rest = &rest[n..];
+    }
+    Ok(windows)
+}
+
+fn plan_window(inner: &Inner, refs: &[ChunkRef]) -> Result<Window> {
+    let mut blobs: Vec<(ChunkId, Location)> = Vec::new();
+    let mut seen: HashMap<ChunkId, usize> = HashMap::new();
+    let mut slots = Vec::with_capacity(refs.len());
+    for r in refs {
+        if let Some(&i) = seen.get(&r.0) {
+            slots.push(Some(i));
+            continue;
+        }
+        match inner.index.lookup(&r.0)? {
+            Some(loc) => {
+                seen.insert(r.0, blobs.len());
+                slots.push(Some(blobs.len()));
+                blobs.push((r.0, loc));
+            }
+            None => slots.push(None),
+        }
+    }
+    // By pack, then offset; merge neighbours closer than MAX_GAP.
+    let mut order: Vec<usize> = (0..blobs.len()).collect();
+    order.sort_by_key(|&i| (blobs[i].1.pack, blobs[i].1.offset));
+    let mut fetches: Vec<Fetch> = Vec::new();
+    let mut last_pack = None;
+    for i in order {
+        let l = &blobs[i].1;
+        let (start, end) = (l.offset as u64, l.offset as u64 + l.length as u64);
+        if last_pack == Some(l.pack) {
+            if let Some(f) = fetches.last_mut() {
+                if start <= f.end + MAX_GAP && end.max(f.end) - f.start <= MAX_RANGE {
+                    f.end = f.end.max(end);
+                    f.members.push(i);
+                    continue;
+                }
+            }
+        }
+        last_pack = Some(l.pack);
+        fetches.push(Fetch {
+            start,
+            end,
+            members: vec![i],
+        });
+    }
+    Ok(Window {
+        refs: refs.to_vec(),
+        slots,
+        blobs,
+        fetches,
+    })
+}
+
+/// Perform one ranged read and open its blobs. A blob that cannot be had
+/// this way (the pack collected since the index was loaded, a damaged
+/// copy) comes back as `None`, for [`read_chunk`] to retry elsewhere.
+async fn run_fetch(
+    inner: &Arc<Inner>,
+    blobs: Arc<Vec<(ChunkId, Location)>>,
+    f: Fetch,
+) -> Result<Vec<(usize, Option<Vec<u8>>)>> {
+    let pack = blobs[f.members[0]].1.pack;
+    let object = pack_object(&pack);
+    inner.pack_reads.fetch_add(1, Ordering::Relaxed);
+    let Ok(data) = inner.backend.get_range(&object, f.start..f.end).await else {
+        return Ok(f.members.into_iter().map(|i| (i, None)).collect());
+    };
+    let inner = inner.clone();
+    let opened = tokio::task::spawn_blocking(move || {
+        let keys = ChunkKeys {
+            sealer: &inner.sealer,
+            repo_id: &inner.repo_id,
+            id_key: &inner.keys.chunk_id,
+        };
+        let max = inner.config.chunker.max_size as usize;
+        f.members
+            .iter()
+            .map(|&i| {
+                let (id, l) = &blobs[i];
+                let at = (l.offset as u64 - f.start) as usize;
+                let got = data.get(at..at + l.length as usize).and_then(|b| {
+                    open_chunk(
+                        &keys,
+                        l.kind,
+                        id,
+                        b,
+                        (l.raw_length as usize).min(max),
+                        &object,
+                    )
+                    .ok()
+                });
+                (i, got)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await?;
+    Ok(opened)
+}
+
+/// Read a window's chunks, in `refs` order.
+async fn read_window(inner: &Arc<Inner>, w: Window) -> Result<Vec<Vec<u8>>> {
+    let depth = inner.opts.io_depth.max(1);
+    let blobs = Arc::new(w.blobs);
+    let mut data: Vec<Option<Vec<u8>>> = vec![None; blobs.len()];
+    let mut fetched = futures::stream::iter(w.fetches)
+        .map(|f| run_fetch(inner, blobs.clone(), f))
+        .buffer_unordered(depth);
+    while let Some(got) = fetched.try_next().await? {
+        for (i, d) in got {
+            data[i] = match d {
+                Some(d) => Some(d),
+                None => Some(read_chunk(inner, blobs[i].0).await?),
+            };
+        }
+    }
+    drop(fetched);
+    // A chunk repeated in the window (zero blocks) is copied; its last
+    // use takes the buffer.
+    let mut uses = vec![0usize; data.len()];
+    for i in w.slots.iter().flatten() {
+        uses[*i] += 1;
+    }
+    let mut out = Vec::with_capacity(w.refs.len());
+    for (r, slot) in w.refs.iter().zip(&w.slots) {
+        let held = match *slot {
+            Some(i) => {
+                uses[i] -= 1;
+                if uses[i] == 0 {
+                    data[i].take()
+                } else {
+                    data[i].clone()
+                }
+            }
+            None => None,
+        };
+        let d = match held {
+            Some(d) => d,
+            None => read_chunk(inner, r.0).await?,
+        };
+        if d.len() != r.1 as usize {
+            return Err(RepoError::corrupt(
+                format!("chunk {}", r.0),
+                "length differs from the reference",
+            ));
+        }
+        out.push(d);
+    }
+    Ok(out)
+}
+
+/// Write the chunks' bytes to `out` in order, reading the next window
+/// while this one is written (a window's own reads run `io_depth` at once).
+pub(crate) async fn read_refs<W: Write + Send>(
+    inner: &Arc<Inner>,
+    refs: &[ChunkRef],
+    out: &mut W,
+) -> Result<()> {
+    let windows = {
+        let inner = inner.clone();
+        let refs = refs.to_vec();
+        tokio::task::spawn_blocking(move || plan_windows(&inner, &refs)).await??
+    };
+    let mut s = futures::stream::iter(windows)
+        .map(|w| read_window(inner, w))
+        .buffered(READ_AHEAD);
+    while let Some(chunks) = s.try_next().await? {
+        for d in chunks {
+            out.write_all(&d)
+                .map_err(|e| RepoError::io("writing restored data", e))?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) struct HashingWriter<'a, W: Write> {
+    pub inner: &'a mut W,
+    pub hasher: &'a mut blake3::Hasher,
+    pub written: u64,
+}
+
+impl<W: Write> Write for HashingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
