@@ -485,6 +485,12 @@ if "pgcairn" in rests and "pgbackrest" in rests:
 last = days[-1]
 rc, rp, rr = (int(by[(t, last)]["repo"]) / MB for t in tools)
 out.append(f"- repository after full + {last} days pgcairn/pgBackRest: {rc / rp:.2f} ({rc:.0f} MB vs {rp:.0f} MB, both with WAL; restic {rr:.0f} MB without WAL)")
+import re
+pb = re.search(r"backup/ (\d+) MB", by[("pgbackrest", last)]["extra"])
+if pb:
+    cb = sum(int(by[("pgcairn", d)]["new"]) for d in days) / MB
+    out.append(f"- backups alone (no WAL) after full + {last} days pgcairn/pgBackRest: {cb / int(pb.group(1)):.2f} "
+               f"({cb:.0f} MB: sum of pgcairn's new backup data, vs {pb.group(1)} MB: pgBackRest's backup/)")
 out += ["", "## pgcairn's own summary lines", ""] + [f"- day {r['day']}: {r['extra']}" for r in rows if r["tool"] == "pgcairn"]
 out += ["", "## pgBackRest", ""] + [f"- day {r['day']}: {r['extra']}" for r in rows if r["tool"] == "pgbackrest"]
 text = "\n".join(out) + "\n"

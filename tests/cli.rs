@@ -53,7 +53,7 @@ fn init_info_and_wrong_passphrase() {
     );
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["format_version"], 1);
+    assert_eq!(v["format_version"], 2);
     assert_eq!(v["encryption"], "xchacha20poly1305");
     assert_eq!(v["keys"], 1);
 

@@ -582,3 +582,89 @@ async fn interleaved_blocks_restore_with_few_reads() {
     // Four 4 MiB windows, each reading one range from each session's pack.
     assert!(reads <= 16, "{reads} ranged reads for {blocks} blocks");
 }
+
+/// A writer that makes deltas against blocks a collector condemns during
+/// its session rescues those bases at commit, though no manifest
+/// references them: after the condemned pack is swept, the new backup
+/// still restores. (Without the bases in the rescue it cannot: the
+/// changed blocks' old versions exist only in the swept pack.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_rescues_delta_bases_in_condemned_packs() {
+    const BLOCK: usize = 32 * 1024;
+    let t = local_repo(test_init()).await;
+    let v1 = db_like_bytes(4 << 20, 5);
+    let blocks = v1.len() / BLOCK;
+    let w = t.repo.writer("t").await.unwrap();
+    let s1 = w
+        .store_blocks(Cursor::new(v1.clone()), BLOCK)
+        .await
+        .unwrap();
+    let c1 = s1.chunks.clone();
+    w.commit(&manifest(
+        "backups/x/1",
+        Value::Null,
+        vec![entry("f", s1, Value::Null)],
+    ))
+    .await
+    .unwrap();
+    w.finish().await.unwrap();
+    let b = t.repo.backend();
+    let data_packs: Vec<String> = backend::list(&*b, "packs/")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.size > 64 * 1024)
+        .map(|o| o.key)
+        .collect();
+    assert!(!data_packs.is_empty());
+    let mark = GcMark {
+        id: "m1".into(),
+        created_local: 0,
+        packs: data_packs
+            .iter()
+            .map(|k| CondemnedPack {
+                pack: pack_id_from_key(k).unwrap(),
+                garbage: c1.iter().map(|c| c.0).collect(),
+            })
+            .collect(),
+    };
+    let (opts, _c) = fresh_opts();
+    let pw = || Ok(Zeroizing::new(PASS.to_vec()));
+    let r = Repository::open(&t.url, &pw, opts).await.unwrap();
+    // The session starts, then the collector marks backups/x/1's blocks.
+    let w = r.writer("t").await.unwrap();
+    r.write_mark(&mark).await.unwrap();
+    let mut v2 = v1.clone();
+    for blk in (0..blocks).step_by(2) {
+        v2[blk * BLOCK + 300..blk * BLOCK + 308].copy_from_slice(b"day two!");
+    }
+    let s2 = w
+        .store_blocks_after(
+            Cursor::new(v2.clone()),
+            BLOCK,
+            Some(std::sync::Arc::new(c1)),
+        )
+        .await
+        .unwrap();
+    w.commit(&manifest(
+        "backups/x/2",
+        Value::Null,
+        vec![entry("f", s2, Value::Null)],
+    ))
+    .await
+    .unwrap();
+    let st = w.finish().await.unwrap();
+    println!("{st:?}");
+    assert_eq!(st.chunks_delta as usize, blocks / 2, "{st:?}");
+    // Unchanged blocks (referenced) and the changed blocks' bases.
+    assert_eq!(st.chunks_rescued as usize, blocks, "{st:?}");
+    for k in &data_packs {
+        b.delete(k).await.unwrap();
+    }
+    let (opts, _c2) = fresh_opts();
+    let r2 = Repository::open(&t.url, &pw, opts).await.unwrap();
+    let m2 = r2.read_manifest("backups/x/2").await.unwrap();
+    let mut out = Vec::new();
+    r2.restore_entry(&m2.entries[0], &mut out).await.unwrap();
+    assert!(out == v2, "restored bytes differ");
+}

@@ -38,8 +38,15 @@ pub async fn run(ctx: &Ctx, a: BackupArgs) -> Result<()> {
     let s = res?;
     let m = &s.meta;
     let mbps = m.logical_bytes as f64 / 1e6 / m.duration_secs.max(0.001);
+    let deltas = match &s.deltas_against {
+        Some(prev) => format!(
+            "; {} changed block(s) as deltas against {prev}",
+            s.stats.chunks_delta
+        ),
+        None => String::new(),
+    };
     println!(
-        "backup {} of {}: {} files, {} in {:.1}s ({:.0} MB/s); new {} stored ({} before compression), reused {}; WAL {}..{}",
+        "backup {} of {}: {} files, {} in {:.1}s ({:.0} MB/s); new {} stored ({} before compression), reused {}; WAL {}..{}{deltas}",
         m.backup_id,
         m.server,
         m.files,
@@ -52,6 +59,9 @@ pub async fn run(ctx: &Ctx, a: BackupArgs) -> Result<()> {
         m.start_wal,
         m.stop_wal
     );
+    for w in &s.warnings {
+        eprintln!("WARNING: {w}");
+    }
     if !m.bad_pages.is_empty() {
         eprintln!(
             "WARNING: {} page(s) failed their checksum (listed by `pgcairn show {}`):",

@@ -1,6 +1,7 @@
 //! `backup`: copy a running cluster into the repository with PostgreSQL's
 //! non-exclusive low-level API, verifying page checksums as it reads.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ use crate::pg::datadir::{self, Item, Kind};
 use crate::pg::wal::{segment_name, segno_of};
 use crate::repo::format::now_unix;
 use crate::repo::store::{entry, manifest};
-use crate::repo::{Entry, RepoError, Repository, WriteStats};
+use crate::repo::{ChunkRef, Entry, RepoError, Repository, WriteStats};
 
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
@@ -42,6 +43,55 @@ pub struct BackupSummary {
     pub name: String,
     pub meta: BackupMeta,
     pub stats: WriteStats,
+    /// The backup whose relation blocks changed blocks were stored as
+    /// deltas against, if any.
+    pub deltas_against: Option<String>,
+    /// Things the user should know that did not stop the backup.
+    pub warnings: Vec<String>,
+}
+
+/// Chunk lists of the server's latest backup, by path (for relation files: the previous
+/// version of every block). A previous backup that cannot be read costs
+/// only the saving (as pgBackRest falls back to a full backup when its
+/// prior backup is unusable): the reason comes back as a warning.
+async fn previous_blocks(
+    repo: &Repository,
+    server: &str,
+    block_size: u32,
+) -> (
+    Option<String>,
+    HashMap<String, Arc<Vec<ChunkRef>>>,
+    Option<String>,
+) {
+    let found = async {
+        let all = super::catalog::list_backups(repo, Some(server)).await?;
+        let Some(last) = all
+            .into_iter()
+            .rev()
+            .find(|b| b.meta.block_size == block_size)
+        else {
+            return Ok::<_, RepoError>(None);
+        };
+        let m = repo.read_manifest(&last.name).await?;
+        let files = m
+            .entries
+            .into_iter()
+            .filter(|e| !e.chunks.is_empty())
+            .map(|e| (e.path, Arc::new(e.chunks)))
+            .collect();
+        Ok(Some((last.meta.backup_id, files)))
+    };
+    match found.await {
+        Ok(Some((id, files))) => (Some(id), files, None),
+        Ok(None) => (None, HashMap::new(), None),
+        Err(e) => (
+            None,
+            HashMap::new(),
+            Some(format!(
+                "the previous backup could not be read ({e}); changed blocks were stored whole (run `pgcairn verify`)"
+            )),
+        ),
+    }
 }
 
 /// Pages per chunk of a relation file. One page per chunk dedups best but
@@ -243,6 +293,8 @@ pub async fn run(
             .create_temp_slot(&format!("pgcairn_{}", std::process::id()))
             .await?;
     }
+    let (deltas_against, previous, warning) =
+        previous_blocks(repo, &opts.server, info.block_size).await;
     let backup_id = free_backup_id(repo, &opts.server, start_time).await?;
     let label = opts
         .label
@@ -270,6 +322,7 @@ pub async fn run(
     }
     let stored: Vec<Option<Entry>> = futures::stream::iter(files.into_iter().map(|it| {
         let writer = &writer;
+        let previous = &previous;
         let bad = bad.clone();
         let progress = progress.clone();
         let checksums = info.data_checksums;
@@ -298,8 +351,9 @@ pub async fn run(
             // page-aligned fixed offsets (measured in repo-format.md).
             let s = match it.relation_segment {
                 Some(_) => {
+                    let prev = previous.get(&it.rel).cloned();
                     writer
-                        .store_blocks(reader, RELATION_CHUNK_PAGES * bs)
+                        .store_blocks_after(reader, RELATION_CHUNK_PAGES * bs, prev)
                         .await?
                 }
                 None => writer.store_reader(reader).await?,
@@ -439,7 +493,13 @@ pub async fn run(
         .commit(&manifest(name.clone(), to_value(&meta)?, entries))
         .await?;
     let stats = writer.finish().await?;
-    Ok(BackupSummary { name, meta, stats })
+    Ok(BackupSummary {
+        name,
+        meta,
+        stats,
+        deltas_against,
+        warnings: warning.into_iter().collect(),
+    })
 }
 
 /// The backup id: its start time to the second, or the next second without

@@ -11,6 +11,11 @@ use super::format::{frame_document, from_cbor, to_cbor, unframe_document, Kind};
 
 pub const CONFIG_KEY: &str = "config";
 
+/// The repository format this pgcairn writes. Version 2 added delta blobs
+/// (and base ids in pack tables and index entries); version 1 repositories
+/// are read and written without them.
+pub const FORMAT_VERSION: u32 = 2;
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Encryption {
@@ -176,10 +181,13 @@ impl RepoConfig {
         let payload = unframe_document(bytes, Kind::Config, CONFIG_KEY)?;
         let doc: ConfigDoc = from_cbor(payload, CONFIG_KEY)?;
         let cfg: RepoConfig = from_cbor(&doc.body, CONFIG_KEY)?;
-        if cfg.format_version != 1 {
+        if !(1..=FORMAT_VERSION).contains(&cfg.format_version) {
             return Err(RepoError::Unsupported {
                 object: CONFIG_KEY.into(),
-                reason: format!("repository format version {}", cfg.format_version),
+                reason: format!(
+                    "repository format version {} (this pgcairn reads versions 1 to {FORMAT_VERSION}; upgrade pgcairn)",
+                    cfg.format_version
+                ),
             });
         }
         if cfg.repo_id.len() != 16 {

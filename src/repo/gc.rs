@@ -41,7 +41,7 @@ use super::index::{build_index, index_object, Location, PackInfo};
 use super::lease::{
     holder_has_ended, open_doc, CondemnedPack, GcMark, Lease, LeaseDoc, LEASES_PREFIX, MARKS_PREFIX,
 };
-use super::pack::{open_chunk, pack_id_from_key, pack_object, ChunkKeys, PackEntry, SealedChunk};
+use super::pack::{open_blob, pack_id_from_key, pack_object, ChunkKeys, PackEntry, SealedChunk};
 use super::uploads::UploadListing;
 use super::Repository;
 
@@ -381,7 +381,9 @@ impl Repository {
         let mut stored = self.list_packs().await?;
         report.pack_bytes_before = stored.values().map(|o| o.size).sum();
         inner.index.refresh().await?;
-        let live = self.live_chunks(report, progress).await?;
+        let mut live = self.live_chunks(report, progress).await?;
+        self.add_bases(&mut live)?;
+        report.live_chunks = live.len() as u64;
         let view = self.index_view(&live)?;
 
         // Sweep every mark whose grace period has passed.
@@ -614,6 +616,28 @@ impl Repository {
         Ok(live)
     }
 
+    /// Add to `live` the base of every delta copy of a live chunk, and
+    /// theirs in turn: a chunk is only readable while its base is.
+    fn add_bases(&self, live: &mut HashSet<ChunkId>) -> Result<()> {
+        let index = &self.inner.index;
+        loop {
+            let mut found = Vec::new();
+            for (name, _) in index.objects() {
+                index.scan_object(&name, |id, loc, _| {
+                    if let Some(b) = loc.base {
+                        if live.contains(id) && !live.contains(&b) {
+                            found.push(b);
+                        }
+                    }
+                })?;
+            }
+            if found.is_empty() {
+                return Ok(());
+            }
+            live.extend(found);
+        }
+    }
+
     /// Summarise the loaded index. A page that cannot be read aborts.
     fn index_view(&self, live: &HashSet<ChunkId>) -> Result<IndexView> {
         let index = &self.inner.index;
@@ -756,6 +780,7 @@ impl Repository {
                         offset: loc.offset,
                         length: loc.length,
                         raw_length: loc.raw_length,
+                        base: loc.base,
                     });
             })?;
             for (id, p) in packs {
@@ -887,13 +912,15 @@ impl Repository {
                     let blob = bytes
                         .get(range)
                         .ok_or_else(|| RepoError::corrupt(&object, "indexed chunk out of range"))?;
-                    // Copy only what opens: damage must not spread.
-                    open_chunk(&keys, loc.kind, &id, blob, loc.raw_length as usize, &object)?;
+                    // Copy only what opens: damage must not spread. (A
+                    // delta is authenticated; its base is kept live.)
+                    open_blob(&keys, loc.kind, &id, blob, loc.raw_length as usize, &object)?;
                     out.push(SealedChunk {
                         id,
                         kind: loc.kind,
                         blob: blob.to_vec(),
                         raw_length: loc.raw_length,
+                        base: loc.base,
                     });
                 }
                 Ok(out)

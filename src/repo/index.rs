@@ -9,7 +9,10 @@
 //! index = header("I") sealed(page)* sealed(directory) dir_len:u32le
 //! page  = entry*   sorted by chunk id, at most `index_page_entries`
 //! entry = id:32 pack:u32le offset:u32le length:u32le raw_length:u32le kind:u8
+//!         [base:32]   when kind has bit 1 set (a delta blob, format 2)
 //! ```
+//!
+//! `kind` bit 0: metadata chunk; bit 1: a base id follows.
 //!
 //! A reader keeps directories in memory (first and last id of each page:
 //! ~80 bytes per 1024 chunks), fetches index objects once into a local cache
@@ -50,6 +53,8 @@ pub struct Location {
     pub offset: u32,
     pub length: u32,
     pub raw_length: u32,
+    /// For a delta blob, the chunk it decodes against.
+    pub base: Option<ChunkId>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,6 +89,20 @@ struct RawEntry {
     length: u32,
     raw_length: u32,
     kind: ChunkKind,
+    base: Option<ChunkId>,
+}
+
+impl RawEntry {
+    fn location(&self, pack: PackId) -> Location {
+        Location {
+            pack,
+            kind: self.kind,
+            offset: self.offset,
+            length: self.length,
+            raw_length: self.raw_length,
+            base: self.base,
+        }
+    }
 }
 
 pub fn index_object(name_hex: &str) -> String {
@@ -114,6 +133,7 @@ pub fn build_index(
             length: e.length,
             raw_length: e.raw_length,
             kind: e.kind,
+            base: e.base,
         }));
     }
     all.sort_by_key(|a| a.id);
@@ -127,10 +147,17 @@ pub fn build_index(
             plain.extend_from_slice(&e.offset.to_le_bytes());
             plain.extend_from_slice(&e.length.to_le_bytes());
             plain.extend_from_slice(&e.raw_length.to_le_bytes());
-            plain.push(match e.kind {
+            let meta = match e.kind {
                 ChunkKind::Data => 0,
                 ChunkKind::Meta => 1,
-            });
+            };
+            match e.base {
+                None => plain.push(meta),
+                Some(b) => {
+                    plain.push(meta | 2);
+                    plain.extend_from_slice(&b.0);
+                }
+            }
         }
         let sealed = sealer.seal(&plain, &page_aad(repo_id, no as u32))?;
         pages.push(PageRef {
@@ -341,13 +368,7 @@ impl IndexSet {
                 };
                 for e in page.iter() {
                     let p = &l.dir.packs[e.pack as usize];
-                    let loc = Location {
-                        pack: p.id,
-                        kind: e.kind,
-                        offset: e.offset,
-                        length: e.length,
-                        raw_length: e.raw_length,
-                    };
+                    let loc = e.location(p.id);
                     f(&object, &e.id, &loc, p.size);
                 }
             }
@@ -384,13 +405,7 @@ impl IndexSet {
             let page = self.read_page(&l, no)?;
             for e in page.iter() {
                 let p = &l.dir.packs[e.pack as usize];
-                let loc = Location {
-                    pack: p.id,
-                    kind: e.kind,
-                    offset: e.offset,
-                    length: e.length,
-                    raw_length: e.raw_length,
-                };
+                let loc = e.location(p.id);
                 f(&e.id, &loc, p.size);
             }
         }
@@ -593,11 +608,14 @@ impl IndexSet {
                 ));
             }
         };
-        if plain.len() != pr.count as usize * ENTRY_LEN {
-            return Err(RepoError::corrupt(&object, "page length mismatch"));
-        }
         let mut entries = Vec::with_capacity(pr.count as usize);
-        for e in plain.chunks_exact(ENTRY_LEN) {
+        let mut rest = &plain[..];
+        while !rest.is_empty() {
+            if rest.len() < ENTRY_LEN {
+                return Err(RepoError::corrupt(&object, "page length mismatch"));
+            }
+            let (e, tail) = rest.split_at(ENTRY_LEN);
+            rest = tail;
             let u = |i: usize| u32::from_le_bytes([e[i], e[i + 1], e[i + 2], e[i + 3]]);
             let mut id = [0u8; 32];
             id.copy_from_slice(&e[..32]);
@@ -608,18 +626,38 @@ impl IndexSet {
                     "entry names a pack outside the directory",
                 ));
             }
+            let flags = e[48];
+            if flags > 3 {
+                return Err(RepoError::corrupt(&object, "unknown entry kind"));
+            }
+            let base = if flags & 2 != 0 {
+                if rest.len() < 32 {
+                    return Err(RepoError::corrupt(&object, "page length mismatch"));
+                }
+                let (b, tail) = rest.split_at(32);
+                rest = tail;
+                let mut base = [0u8; 32];
+                base.copy_from_slice(b);
+                Some(ChunkId(base))
+            } else {
+                None
+            };
             entries.push(RawEntry {
                 id: ChunkId(id),
                 pack,
                 offset: u(36),
                 length: u(40),
                 raw_length: u(44),
-                kind: if e[48] == 1 {
+                kind: if flags & 1 == 1 {
                     ChunkKind::Meta
                 } else {
                     ChunkKind::Data
                 },
+                base,
             });
+        }
+        if entries.len() != pr.count as usize {
+            return Err(RepoError::corrupt(&object, "page length mismatch"));
         }
         Ok(Arc::new(entries))
     }
@@ -636,13 +674,7 @@ impl IndexSet {
             if let Ok(j) = page.binary_search_by(|e| e.id.cmp(id)) {
                 let e = page[j];
                 let p = &l.dir.packs[e.pack as usize];
-                out.push(Location {
-                    pack: p.id,
-                    kind: e.kind,
-                    offset: e.offset,
-                    length: e.length,
-                    raw_length: e.raw_length,
-                });
+                out.push(e.location(p.id));
             }
         }
         Ok(out)
@@ -715,6 +747,7 @@ mod tests {
                         offset: 9 + i * 10,
                         length: 10,
                         raw_length: 20 + i,
+                        base: None,
                     })
                     .collect();
                 (
@@ -770,6 +803,7 @@ mod tests {
                     offset: 9 + (i - 5000) * 10,
                     length: 10,
                     raw_length: 1,
+                    base: None,
                 })
                 .collect(),
         )];

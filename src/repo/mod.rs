@@ -32,7 +32,7 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use backend::{DynBackend, PutOutcome};
-pub use config::{ChunkerParams, Compression, Encryption, GcParams, RepoConfig};
+pub use config::{ChunkerParams, Compression, Encryption, GcParams, RepoConfig, FORMAT_VERSION};
 use crypto::{DerivedKeys, KdfParams, MasterKey, Sealer};
 pub use error::{RepoError, Result};
 use format::{now_unix, Kind};
@@ -266,7 +266,7 @@ impl Repository {
         let master = MasterKey::generate()?;
         let keys = master.derive();
         let cfg = RepoConfig {
-            format_version: 1,
+            format_version: FORMAT_VERSION,
             repo_id: repo_id.to_vec(),
             created: now_unix(),
             encryption: init.encryption,

@@ -5,8 +5,15 @@
 //!
 //! ```text
 //! pack  = header("P") blob* sealed(table) table_len:u32le
-//! blob  = sealed(flag:u8 payload)   flag 0 = stored, 1 = zstd
+//! blob  = sealed(flag:u8 payload)   flag 0 = stored, 1 = zstd,
+//!                                    2 = delta: base:32 zstd-with-prefix
 //! ```
+//!
+//! A delta blob (format version 2) is a zstd frame compressed with the
+//! plaintext of another chunk, its *base*, as reference prefix: a changed
+//! database block costs the bytes that changed, not the block. The base id
+//! is both inside the sealed blob and in the pack table and index entries,
+//! so the collector can keep bases alive without opening blobs.
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +50,9 @@ pub struct PackEntry {
     pub offset: u32,
     pub length: u32,
     pub raw_length: u32,
+    /// The chunk a delta blob is decoded against (format version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<ChunkId>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,6 +78,8 @@ pub struct SealedChunk {
     pub kind: ChunkKind,
     pub blob: Vec<u8>,
     pub raw_length: u32,
+    /// Set for a delta blob: the chunk it decodes against.
+    pub base: Option<ChunkId>,
 }
 
 thread_local! {
@@ -131,7 +143,46 @@ pub fn seal_chunk(
         kind,
         blob,
         raw_length: data.len() as u32,
+        base: None,
     })
+}
+
+/// Compress `data` as a delta against `base_data` (the plaintext of chunk
+/// `base`) and seal it. Returns `None` when the delta would not be smaller
+/// than `limit` bytes of payload (the caller then stores the chunk whole).
+#[allow(clippy::too_many_arguments)]
+pub fn seal_delta(
+    sealer: &Sealer,
+    repo_id: &[u8; 16],
+    id: ChunkId,
+    data: &[u8],
+    base: ChunkId,
+    base_data: &[u8],
+    level: i32,
+    limit: usize,
+) -> Result<Option<SealedChunk>> {
+    let failed = |e| RepoError::Task(format!("zstd delta compression failed: code {e}"));
+    let mut cctx = zstd::zstd_safe::CCtx::create();
+    cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level))
+        .map_err(failed)?;
+    cctx.ref_prefix(base_data).map_err(failed)?;
+    let mut frame = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+    cctx.compress2(&mut frame, data).map_err(failed)?;
+    if frame.len() >= limit {
+        return Ok(None);
+    }
+    let mut plain = Vec::with_capacity(1 + 32 + frame.len());
+    plain.push(2);
+    plain.extend_from_slice(&base.0);
+    plain.extend_from_slice(&frame);
+    let blob = sealer.seal(&plain, &aad(repo_id, ChunkKind::Data.aad_kind(), &id.0))?;
+    Ok(Some(SealedChunk {
+        id,
+        kind: ChunkKind::Data,
+        blob,
+        raw_length: data.len() as u32,
+        base: Some(base),
+    }))
 }
 
 /// What opening a chunk needs: the sealing key, the repository id bound
@@ -142,17 +193,25 @@ pub struct ChunkKeys<'a> {
     pub id_key: &'a [u8; 32],
 }
 
-/// Open, decompress and re-hash one chunk; the id must match what was asked.
-/// `max_len` bounds the plaintext (pass the indexed raw length when known:
-/// it is also the buffer reserved).
-pub fn open_chunk(
+/// An authenticated blob: the chunk's plaintext, or a delta that still
+/// needs its base's plaintext ([`apply_delta`]).
+pub enum Opened {
+    Plain(Vec<u8>),
+    Delta { base: ChunkId, frame: Vec<u8> },
+}
+
+/// Open one blob: authenticate it, and for a whole chunk decompress and
+/// re-hash it (the id must match what was asked). `max_len` bounds the
+/// plaintext (pass the indexed raw length when known: it is also the
+/// buffer reserved).
+pub fn open_blob(
     keys: &ChunkKeys<'_>,
     entry_kind: ChunkKind,
     id: &ChunkId,
     blob: &[u8],
     max_len: usize,
     object: &str,
-) -> Result<Vec<u8>> {
+) -> Result<Opened> {
     let what = format!("{object} (chunk {})", id.to_hex());
     let plain = keys.sealer.open(
         blob,
@@ -166,12 +225,60 @@ pub fn open_chunk(
         0 => payload.to_vec(),
         1 => decompress(payload, max_len)
             .map_err(|e| RepoError::corrupt(&what, format!("zstd: {e}")))?,
+        2 if payload.len() > 32 => {
+            let mut base = [0u8; 32];
+            base.copy_from_slice(&payload[..32]);
+            return Ok(Opened::Delta {
+                base: ChunkId(base),
+                frame: payload[32..].to_vec(),
+            });
+        }
         f => return Err(RepoError::corrupt(&what, format!("unknown chunk flag {f}"))),
     };
     if chunk_id(keys.id_key, &data) != id.0 {
         return Err(RepoError::corrupt(&what, "content does not hash to its id"));
     }
+    Ok(Opened::Plain(data))
+}
+
+/// Decode a delta frame against its base's plaintext and re-hash it.
+pub fn apply_delta(
+    keys: &ChunkKeys<'_>,
+    id: &ChunkId,
+    base_data: &[u8],
+    frame: &[u8],
+    max_len: usize,
+    object: &str,
+) -> Result<Vec<u8>> {
+    let what = format!("{object} (chunk {})", id.to_hex());
+    let mut dctx = zstd::zstd_safe::DCtx::create();
+    let failed = |e| RepoError::corrupt(&what, format!("zstd delta: code {e}"));
+    dctx.ref_prefix(base_data).map_err(failed)?;
+    let mut data = Vec::with_capacity(max_len);
+    dctx.decompress(&mut data, frame).map_err(failed)?;
+    if chunk_id(keys.id_key, &data) != id.0 {
+        return Err(RepoError::corrupt(&what, "content does not hash to its id"));
+    }
     Ok(data)
+}
+
+/// Open a chunk stored whole; a delta blob is an error here (readers that
+/// can meet deltas use [`open_blob`]).
+pub fn open_chunk(
+    keys: &ChunkKeys<'_>,
+    entry_kind: ChunkKind,
+    id: &ChunkId,
+    blob: &[u8],
+    max_len: usize,
+    object: &str,
+) -> Result<Vec<u8>> {
+    match open_blob(keys, entry_kind, id, blob, max_len, object)? {
+        Opened::Plain(d) => Ok(d),
+        Opened::Delta { base, .. } => Err(RepoError::corrupt(
+            format!("{object} (chunk {})", id.to_hex()),
+            format!("stored as a delta against chunk {base}, which this reader does not follow"),
+        )),
+    }
 }
 
 /// Accumulates sealed chunks into one pack.
@@ -209,6 +316,7 @@ impl PackBuilder {
             offset,
             length: c.blob.len() as u32,
             raw_length: c.raw_length,
+            base: c.base,
         });
     }
 
@@ -307,5 +415,55 @@ mod tests {
         };
         let err = open_chunk(&keys, e.kind, &e.id, &blob, 1 << 20, "packs/ab/x").unwrap_err();
         assert!(err.to_string().contains("packs/ab/x"));
+    }
+
+    #[test]
+    fn delta_roundtrip_needs_the_right_base() {
+        let mk = MasterKey::generate().unwrap();
+        let d = mk.derive();
+        let s = Sealer::new(true, &d.seal);
+        let rid = [3u8; 16];
+        let keys = ChunkKeys {
+            sealer: &s,
+            repo_id: &rid,
+            id_key: &d.chunk_id,
+        };
+        // Incompressible on its own: the delta must point into the base.
+        let mut base = vec![0u8; 32768];
+        blake3::Hasher::new()
+            .update(b"base")
+            .finalize_xof()
+            .fill(&mut base);
+        let mut data = base.clone();
+        data[1000..1010].copy_from_slice(b"0123456789");
+        let bid = ChunkId(chunk_id(&d.chunk_id, &base));
+        let id = ChunkId(chunk_id(&d.chunk_id, &data));
+        let sealed = seal_delta(&s, &rid, id, &data, bid, &base, 3, data.len())
+            .unwrap()
+            .expect("a small change makes a small delta");
+        assert!(
+            sealed.blob.len() < 200,
+            "delta is {} bytes",
+            sealed.blob.len()
+        );
+        assert_eq!(sealed.base, Some(bid));
+        let Opened::Delta { base: b, frame } =
+            open_blob(&keys, ChunkKind::Data, &id, &sealed.blob, data.len(), "p").unwrap()
+        else {
+            panic!("a delta blob opens as a delta");
+        };
+        assert_eq!(b, bid);
+        assert_eq!(
+            apply_delta(&keys, &id, &base, &frame, data.len(), "p").unwrap(),
+            data
+        );
+        // Another base decodes to other bytes, which fail the id check.
+        let mut other = base.clone();
+        other[5] ^= 1;
+        assert!(apply_delta(&keys, &id, &other, &frame, data.len(), "p").is_err());
+        // A reader that does not follow bases says so instead of guessing.
+        let err =
+            open_chunk(&keys, ChunkKind::Data, &id, &sealed.blob, data.len(), "p").unwrap_err();
+        assert!(err.to_string().contains("delta"), "{err}");
     }
 }

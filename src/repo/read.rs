@@ -12,48 +12,100 @@ use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 
 use super::error::{RepoError, Result};
 use super::format::ChunkId;
 use super::index::Location;
 use super::manifest::ChunkRef;
-use super::pack::{open_chunk, pack_object, ChunkKeys};
+use super::pack::{apply_delta, open_blob, pack_object, ChunkKeys, Opened};
 use super::Inner;
 
-/// Fetch and open one chunk at a known location.
+/// Longest chain of deltas a read follows. Writers only ever make chains
+/// of one (a base is a chunk stored whole); this bounds what a damaged or
+/// hostile repository can make a reader do.
+const MAX_DELTA_DEPTH: usize = 4;
+
+fn chunk_keys(inner: &Inner) -> ChunkKeys<'_> {
+    ChunkKeys {
+        sealer: &inner.sealer,
+        repo_id: &inner.repo_id,
+        id_key: &inner.keys.chunk_id,
+    }
+}
+
+/// Fetch and open one chunk at a known location (following its base when
+/// it is stored as a delta).
 pub(crate) async fn fetch_chunk(
     inner: &Arc<Inner>,
     id: &ChunkId,
     loc: &Location,
 ) -> Result<Vec<u8>> {
-    let object = pack_object(&loc.pack);
-    let range = loc.offset as u64..loc.offset as u64 + loc.length as u64;
-    inner.pack_reads.fetch_add(1, Ordering::Relaxed);
-    let blob = match inner.backend.get_range(&object, range).await {
-        Ok(b) => b,
-        Err(e) => return Err(e.into_repo("read", &object)),
-    };
-    let inner2 = inner.clone();
-    let id = *id;
-    let kind = loc.kind;
-    let raw = loc.raw_length;
-    let max = inner.config.chunker.max_size as usize;
-    tokio::task::spawn_blocking(move || {
-        let keys = ChunkKeys {
-            sealer: &inner2.sealer,
-            repo_id: &inner2.repo_id,
-            id_key: &inner2.keys.chunk_id,
+    fetch_at(inner, *id, *loc, 0).await
+}
+
+fn fetch_at(
+    inner: &Arc<Inner>,
+    id: ChunkId,
+    loc: Location,
+    depth: usize,
+) -> BoxFuture<'_, Result<Vec<u8>>> {
+    Box::pin(async move {
+        let object = pack_object(&loc.pack);
+        let range = loc.offset as u64..loc.offset as u64 + loc.length as u64;
+        inner.pack_reads.fetch_add(1, Ordering::Relaxed);
+        let blob = match inner.backend.get_range(&object, range).await {
+            Ok(b) => b,
+            Err(e) => return Err(e.into_repo("read", &object)),
         };
-        open_chunk(&keys, kind, &id, &blob, (raw as usize).min(max), &object)
+        let inner2 = inner.clone();
+        let max = max_len(inner, &loc);
+        let object2 = object.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            open_blob(&chunk_keys(&inner2), loc.kind, &id, &blob, max, &object2)
+        })
+        .await??;
+        let (base, frame) = match opened {
+            Opened::Plain(d) => return Ok(d),
+            Opened::Delta { base, frame } => (base, frame),
+        };
+        let what = || format!("{object} (chunk {id})");
+        if loc.base.is_some_and(|b| b != base) {
+            return Err(RepoError::corrupt(
+                what(),
+                "blob and index name different bases",
+            ));
+        }
+        if depth >= MAX_DELTA_DEPTH {
+            return Err(RepoError::corrupt(
+                what(),
+                format!("delta chain longer than {MAX_DELTA_DEPTH}"),
+            ));
+        }
+        let base_data = read_chunk_at(inner, base, depth + 1).await?;
+        let inner2 = inner.clone();
+        tokio::task::spawn_blocking(move || {
+            apply_delta(&chunk_keys(&inner2), &id, &base_data, &frame, max, &object)
+        })
+        .await?
     })
-    .await?
+}
+
+/// The plaintext bound for a chunk at `loc`.
+fn max_len(inner: &Inner, loc: &Location) -> usize {
+    (loc.raw_length as usize).min(inner.config.chunker.max_size as usize)
 }
 
 /// Find and read one chunk. A pack that has gone missing (collected and
 /// re-packed since our index was loaded) makes us reload the index once;
-/// a damaged copy makes us try the other copies before giving up.
+/// a damaged copy (or one whose base cannot be read) makes us try the
+/// other copies before giving up.
 async fn read_chunk(inner: &Arc<Inner>, id: ChunkId) -> Result<Vec<u8>> {
+    read_chunk_at(inner, id, 0).await
+}
+
+async fn read_chunk_at(inner: &Arc<Inner>, id: ChunkId, depth: usize) -> Result<Vec<u8>> {
     let mut reloaded = false;
     loop {
         let locs = {
@@ -63,7 +115,7 @@ async fn read_chunk(inner: &Arc<Inner>, id: ChunkId) -> Result<Vec<u8>> {
         let mut missing_pack = None;
         let mut damaged = None;
         for loc in &locs {
-            match fetch_chunk(inner, &id, loc).await {
+            match fetch_at(inner, id, *loc, depth).await {
                 Ok(d) => return Ok(d),
                 Err(RepoError::NotFound { key }) => missing_pack = Some(key),
                 Err(e @ RepoError::Corrupt { .. }) => {
@@ -160,6 +212,18 @@ fn plan_window(inner: &Inner, refs: &[ChunkRef]) -> Result<Window> {
             None => slots.push(None),
         }
     }
+    // Bases of deltas are read in the same requests (usually from the
+    // full backup's packs). One level: a base is normally stored whole.
+    for i in 0..blobs.len() {
+        if let Some(b) = blobs[i].1.base {
+            if let std::collections::hash_map::Entry::Vacant(v) = seen.entry(b) {
+                if let Some(loc) = inner.index.lookup(&b)? {
+                    v.insert(blobs.len());
+                    blobs.push((b, loc));
+                }
+            }
+        }
+    }
     // By pack, then offset; merge neighbours closer than MAX_GAP.
     let mut order: Vec<usize> = (0..blobs.len()).collect();
     order.sort_by_key(|&i| (blobs[i].1.pack, blobs[i].1.offset));
@@ -199,7 +263,7 @@ async fn run_fetch(
     inner: &Arc<Inner>,
     blobs: Arc<Vec<(ChunkId, Location)>>,
     f: Fetch,
-) -> Result<Vec<(usize, Option<Vec<u8>>)>> {
+) -> Result<Vec<(usize, Option<Opened>)>> {
     let pack = blobs[f.members[0]].1.pack;
     let object = pack_object(&pack);
     inner.pack_reads.fetch_add(1, Ordering::Relaxed);
@@ -208,27 +272,14 @@ async fn run_fetch(
     };
     let inner = inner.clone();
     let opened = tokio::task::spawn_blocking(move || {
-        let keys = ChunkKeys {
-            sealer: &inner.sealer,
-            repo_id: &inner.repo_id,
-            id_key: &inner.keys.chunk_id,
-        };
-        let max = inner.config.chunker.max_size as usize;
+        let keys = chunk_keys(&inner);
         f.members
             .iter()
             .map(|&i| {
                 let (id, l) = &blobs[i];
                 let at = (l.offset as u64 - f.start) as usize;
                 let got = data.get(at..at + l.length as usize).and_then(|b| {
-                    open_chunk(
-                        &keys,
-                        l.kind,
-                        id,
-                        b,
-                        (l.raw_length as usize).min(max),
-                        &object,
-                    )
-                    .ok()
+                    open_blob(&keys, l.kind, id, b, max_len(&inner, l), &object).ok()
                 });
                 (i, got)
             })
@@ -246,15 +297,20 @@ async fn read_window(inner: &Arc<Inner>, w: Window) -> Result<Vec<Vec<u8>>> {
     let mut fetched = futures::stream::iter(w.fetches)
         .map(|f| run_fetch(inner, blobs.clone(), f))
         .buffer_unordered(depth);
+    let mut deltas: Vec<(usize, ChunkId, Vec<u8>)> = Vec::new();
     while let Some(got) = fetched.try_next().await? {
         for (i, d) in got {
-            data[i] = match d {
-                Some(d) => Some(d),
-                None => Some(read_chunk(inner, blobs[i].0).await?),
-            };
+            match d {
+                Some(Opened::Plain(d)) => data[i] = Some(d),
+                Some(Opened::Delta { base, frame }) => deltas.push((i, base, frame)),
+                None => data[i] = Some(read_chunk(inner, blobs[i].0).await?),
+            }
         }
     }
     drop(fetched);
+    if !deltas.is_empty() {
+        data = apply_deltas(inner, &blobs, data, deltas).await?;
+    }
     // A chunk repeated in the window (zero blocks) is copied; its last
     // use takes the buffer.
     let mut uses = vec![0usize; data.len()];
@@ -287,6 +343,73 @@ async fn read_window(inner: &Arc<Inner>, w: Window) -> Result<Vec<Vec<u8>>> {
         out.push(d);
     }
     Ok(out)
+}
+
+/// Decode a window's delta blobs against their bases (read in the same
+/// requests, or on their own when the window lacks them). A delta that
+/// does not decode is read again through [`read_chunk`], which tries every
+/// copy before reporting it.
+async fn apply_deltas(
+    inner: &Arc<Inner>,
+    blobs: &Arc<Vec<(ChunkId, Location)>>,
+    mut data: Vec<Option<Vec<u8>>>,
+    deltas: Vec<(usize, ChunkId, Vec<u8>)>,
+) -> Result<Vec<Option<Vec<u8>>>> {
+    let pos: HashMap<ChunkId, usize> = blobs.iter().enumerate().map(|(i, b)| (b.0, i)).collect();
+    let mut extra: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+    for (_, base, _) in &deltas {
+        let have = pos.get(base).is_some_and(|&j| data[j].is_some());
+        if !have && !extra.contains_key(base) {
+            extra.insert(*base, read_chunk_at(inner, *base, 1).await?);
+        }
+    }
+    let inner2 = inner.clone();
+    let blobs2 = blobs.clone();
+    let (mut data, failed) = tokio::task::spawn_blocking(move || {
+        let keys = chunk_keys(&inner2);
+        let mut failed = Vec::new();
+        for (i, base, frame) in deltas {
+            let (id, loc) = &blobs2[i];
+            let base_data = pos
+                .get(&base)
+                .and_then(|&j| data[j].as_deref())
+                .or_else(|| extra.get(&base).map(Vec::as_slice));
+            let object = pack_object(&loc.pack);
+            let got = base_data.and_then(|b| {
+                apply_delta(&keys, id, b, &frame, max_len(&inner2, loc), &object).ok()
+            });
+            match got {
+                Some(d) => data[i] = Some(d),
+                None => failed.push(i),
+            }
+        }
+        (data, failed)
+    })
+    .await?;
+    for i in failed {
+        data[i] = Some(read_chunk(inner, blobs[i].0).await?);
+    }
+    Ok(data)
+}
+
+/// Read a few chunks (at most a window's worth) with grouped requests.
+pub(crate) async fn read_chunks(inner: &Arc<Inner>, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>> {
+    let w = {
+        let inner = inner.clone();
+        let ids = ids.to_vec();
+        tokio::task::spawn_blocking(move || -> Result<Window> {
+            let mut refs = Vec::with_capacity(ids.len());
+            for id in ids {
+                let loc = inner.index.lookup(&id)?.ok_or_else(|| {
+                    RepoError::corrupt(format!("chunk {id}"), "referenced but in no index object")
+                })?;
+                refs.push(ChunkRef(id, loc.raw_length));
+            }
+            plan_window(&inner, &refs)
+        })
+        .await??
+    };
+    read_window(inner, w).await
 }
 
 /// Write the chunks' bytes to `out` in order, reading the next window

@@ -28,10 +28,12 @@ use super::chunker::stream_chunker;
 use super::crypto::chunk_id;
 use super::error::{RepoError, Result};
 use super::format::{now_unix, to_cbor, ChunkId, Kind};
-use super::index::{build_index, index_object, PackInfo};
+use super::index::{build_index, index_object, Location, PackInfo};
 use super::lease::{load_marks, seal_doc, Condemned, Lease};
 use super::manifest::{manifest_object, validate_name, ChunkRef, Entry, Manifest, ManifestDoc};
-use super::pack::{pack_object, seal_chunk, ChunkKind, PackBuilder, PackEntry, SealedChunk};
+use super::pack::{
+    pack_object, seal_chunk, seal_delta, ChunkKind, PackBuilder, PackEntry, SealedChunk,
+};
 use super::read::fetch_chunk;
 use super::Inner;
 
@@ -103,6 +105,8 @@ pub struct WriteStats {
     pub index_objects_written: u64,
     /// Chunks rewritten because a collector had condemned their packs.
     pub chunks_rescued: u64,
+    /// New chunks stored as a delta against their previous version.
+    pub chunks_delta: u64,
 }
 
 struct Shared {
@@ -114,6 +118,11 @@ struct Shared {
     /// it), and a mark swept is no longer listed at commit.
     marks_at_start: Condemned,
     seen: Mutex<HashSet<ChunkId>>,
+    /// Bases of the delta copies this session relies on (new or reused):
+    /// the rescue at commit covers them as it covers referenced chunks.
+    bases: Mutex<HashSet<ChunkId>>,
+    /// Whether the repository format allows delta blobs (version 2).
+    deltas: bool,
     stats: Mutex<WriteStats>,
     level: i32,
 }
@@ -169,11 +178,14 @@ impl Writer {
             .compression_level
             .unwrap_or(inner.config.compression.level);
         let workers = inner.opts.workers.max(1);
+        let deltas = inner.config.format_version >= 2;
         Ok(Writer {
             shared: Arc::new(Shared {
                 inner,
                 marks_at_start,
                 seen: Mutex::new(HashSet::new()),
+                bases: Mutex::new(HashSet::new()),
+                deltas,
                 stats: Mutex::new(WriteStats::default()),
                 level,
             }),
@@ -196,7 +208,7 @@ impl Writer {
 
     /// Store everything `reader` yields as data chunks.
     pub async fn store_reader<R: Read + Send + 'static>(&self, reader: R) -> Result<StoredStream> {
-        self.store(reader, ChunkKind::Data, Cutting::ContentDefined)
+        self.store(reader, ChunkKind::Data, Cutting::ContentDefined, None)
             .await
     }
 
@@ -209,13 +221,28 @@ impl Writer {
         reader: R,
         block: usize,
     ) -> Result<StoredStream> {
+        self.store_blocks_after(reader, block, None).await
+    }
+
+    /// [`Writer::store_blocks`] for a stream whose previous version was
+    /// stored as `previous` (same block size): a changed block is stored as
+    /// a delta against the block it replaces (against that block's own
+    /// base when it is a delta itself, so chains stay one long), which
+    /// costs the bytes that changed rather than the block.
+    pub async fn store_blocks_after<R: Read + Send + 'static>(
+        &self,
+        reader: R,
+        block: usize,
+        previous: Option<Arc<Vec<ChunkRef>>>,
+    ) -> Result<StoredStream> {
         let max = self.shared.inner.config.chunker.max_size as usize;
         if block == 0 || block > max {
             return Err(RepoError::Task(format!(
                 "block size {block} outside 1..={max} bytes"
             )));
         }
-        self.store(reader, ChunkKind::Data, Cutting::Fixed(block))
+        let previous = previous.filter(|_| self.shared.deltas);
+        self.store(reader, ChunkKind::Data, Cutting::Fixed(block), previous)
             .await
     }
 
@@ -224,6 +251,7 @@ impl Writer {
             std::io::Cursor::new(data),
             ChunkKind::Data,
             Cutting::ContentDefined,
+            None,
         )
         .await
     }
@@ -233,6 +261,7 @@ impl Writer {
         reader: R,
         kind: ChunkKind,
         cutting: Cutting,
+        previous: Option<Arc<Vec<ChunkRef>>>,
     ) -> Result<StoredStream> {
         self.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -271,20 +300,57 @@ impl Writer {
         });
         let chunks =
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+        // Room for base reads (I/O, no CPU permit held) beside the workers.
+        let in_flight = workers * 2
+            + if previous.is_some() {
+                inner.opts.io_depth
+            } else {
+                0
+            };
         let processed = chunks
-            .map(|data| {
+            .enumerate()
+            .map(|(n, data)| {
                 let shared = self.shared.clone();
                 let cpu = self.cpu.clone();
+                let hint = previous.as_ref().and_then(|p| p.get(n).copied());
                 async move {
                     let data = data.map_err(|e| RepoError::io("reading the input stream", e))?;
-                    let _permit = cpu
+                    let hint = hint.filter(|h| h.1 as usize == data.len());
+                    let permit = cpu
+                        .clone()
                         .acquire_owned()
                         .await
                         .map_err(|e| RepoError::Task(e.to_string()))?;
-                    tokio::task::spawn_blocking(move || process_chunk(&shared, kind, data)).await?
+                    let shared2 = shared.clone();
+                    let step = tokio::task::spawn_blocking(move || {
+                        process_chunk(&shared2, kind, data, hint)
+                    })
+                    .await??;
+                    drop(permit);
+                    match step {
+                        Step::Done(cref, sealed) => Ok((cref, sealed)),
+                        Step::Delta {
+                            id,
+                            data,
+                            base,
+                            loc,
+                        } => {
+                            // A base that cannot be read costs only the
+                            // saving: the block is stored whole.
+                            let base_data = fetch_chunk(&shared.inner, &base, &loc).await.ok();
+                            let _permit = cpu
+                                .acquire_owned()
+                                .await
+                                .map_err(|e| RepoError::Task(e.to_string()))?;
+                            tokio::task::spawn_blocking(move || {
+                                seal_new(&shared, kind, id, data, base_data.map(|d| (base, d)))
+                            })
+                            .await?
+                        }
+                    }
                 }
             })
-            .buffered(workers * 2);
+            .buffered(in_flight);
         let mut processed = std::pin::pin!(processed);
         let mut refs = Vec::new();
         while let Some(r) = processed.next().await {
@@ -455,6 +521,7 @@ impl Writer {
                 std::io::Cursor::new(body),
                 ChunkKind::Meta,
                 Cutting::ContentDefined,
+                None,
             )
             .await?;
         self.flush().await?;
@@ -496,10 +563,12 @@ impl Writer {
             return Ok(());
         }
         let mut rescued = HashSet::new();
+        let bases: Vec<ChunkId> = lock(&self.shared.bases).iter().copied().collect();
         let refs = manifest
             .entries
             .iter()
             .flat_map(|e| e.chunks.iter().map(|c| (c.0, ChunkKind::Data)))
+            .chain(bases.into_iter().map(|b| (b, ChunkKind::Data)))
             .chain(body.iter().map(|c| (c.0, ChunkKind::Meta)));
         for (id, kind) in refs {
             if !condemned.garbage.contains_key(&id) || rescued.contains(&id) {
@@ -545,27 +614,80 @@ impl Writer {
 }
 
 impl Shared {
+    /// Whether a copy of `id` is in a pack the marks read at the start of
+    /// the session do not condemn for it.
+    fn safe(&self, id: &ChunkId, l: &Location) -> bool {
+        !self.marks_at_start.garbage.contains_key(id)
+            || !self.marks_at_start.packs.contains(&l.pack)
+    }
+
+    /// A copy of `id` stored whole in a pack this session may rely on.
+    fn whole_copy(&self, id: &ChunkId) -> Result<Option<Location>> {
+        Ok(self
+            .inner
+            .index
+            .lookup_all(id)?
+            .into_iter()
+            .find(|l| l.base.is_none() && self.safe(id, l)))
+    }
+
     /// Whether the chunk is stored in a pack this session may rely on: any
     /// pack, unless the marks read at the start list the chunk as garbage,
-    /// in which case a copy outside their condemned packs.
+    /// in which case a copy outside their condemned packs. A delta copy
+    /// counts when its base has such a copy stored whole; the base is then
+    /// remembered for the rescue at commit.
     fn stored_safely(&self, id: &ChunkId) -> Result<bool> {
-        let index = &self.inner.index;
-        if !self.marks_at_start.garbage.contains_key(id) {
-            return Ok(index.lookup(id)?.is_some());
+        for l in self.inner.index.lookup_all(id)? {
+            if !self.safe(id, &l) {
+                continue;
+            }
+            match l.base {
+                None => return Ok(true),
+                Some(b) => {
+                    if self.whole_copy(&b)?.is_some() {
+                        lock(&self.bases).insert(b);
+                        return Ok(true);
+                    }
+                }
+            }
         }
-        Ok(index
-            .lookup_all(id)?
-            .iter()
-            .any(|l| !self.marks_at_start.packs.contains(&l.pack)))
+        Ok(false)
+    }
+
+    /// The base for a new version of a block whose previous version is
+    /// `prev`: that chunk when stored whole, else its own base.
+    fn base_for(&self, prev: &ChunkId) -> Result<Option<(ChunkId, Location)>> {
+        if let Some(l) = self.whole_copy(prev)? {
+            return Ok(Some((*prev, l)));
+        }
+        let Some(b) = self.inner.index.lookup(prev)?.and_then(|l| l.base) else {
+            return Ok(None);
+        };
+        Ok(self.whole_copy(&b)?.map(|l| (b, l)))
     }
 }
 
-/// Hash a chunk and decide: already stored (reuse) or new (compress, seal).
+/// What a worker decided for one chunk.
+enum Step {
+    /// Reused (no blob) or sealed.
+    Done(ChunkRef, Option<SealedChunk>),
+    /// New, with a base worth a delta: read the base, then [`seal_new`].
+    Delta {
+        id: ChunkId,
+        data: Vec<u8>,
+        base: ChunkId,
+        loc: Location,
+    },
+}
+
+/// Hash a chunk and decide: already stored (reuse), new with a previous
+/// version to delta against, or new (compress, seal).
 fn process_chunk(
     shared: &Shared,
     kind: ChunkKind,
     data: Vec<u8>,
-) -> Result<(ChunkRef, Option<SealedChunk>)> {
+    hint: Option<ChunkRef>,
+) -> Result<Step> {
     let inner = &shared.inner;
     let id = ChunkId(chunk_id(&inner.keys.chunk_id, &data));
     let len = data.len() as u32;
@@ -575,13 +697,72 @@ fn process_chunk(
         let mut st = lock(&shared.stats);
         st.chunks_reused += 1;
         st.bytes_reused += len as u64;
-        return Ok((ChunkRef(id, len), None));
+        return Ok(Step::Done(ChunkRef(id, len), None));
     }
-    let sealed = seal_chunk(&inner.sealer, &inner.repo_id, kind, id, &data, shared.level)?;
+    if let Some(prev) = hint.filter(|h| h.0 != id) {
+        if let Some((base, loc)) = shared.base_for(&prev.0)? {
+            if base != id {
+                return Ok(Step::Delta {
+                    id,
+                    data,
+                    base,
+                    loc,
+                });
+            }
+        }
+    }
+    let (cref, sealed) = seal_new(shared, kind, id, data, None)?;
+    Ok(Step::Done(cref, sealed))
+}
+
+/// Seal a new chunk: as a delta against `base` when that is clearly
+/// smaller (a delta also keeps its base alive), else whole.
+fn seal_new(
+    shared: &Shared,
+    kind: ChunkKind,
+    id: ChunkId,
+    data: Vec<u8>,
+    base: Option<(ChunkId, Vec<u8>)>,
+) -> Result<(ChunkRef, Option<SealedChunk>)> {
+    let inner = &shared.inner;
+    let len = data.len() as u32;
+    let mut delta = match &base {
+        Some((b, bd)) => seal_delta(
+            &inner.sealer,
+            &inner.repo_id,
+            id,
+            &data,
+            *b,
+            bd,
+            shared.level,
+            data.len(),
+        )?,
+        None => None,
+    };
+    // A delta under an eighth of the block is kept without a comparison;
+    // otherwise it must beat the whole block by a quarter.
+    let sealed = match delta.take() {
+        Some(d) if d.blob.len() * 8 < data.len() => d,
+        Some(d) => {
+            let whole = seal_chunk(&inner.sealer, &inner.repo_id, kind, id, &data, shared.level)?;
+            if d.blob.len() * 4 < whole.blob.len() * 3 {
+                d
+            } else {
+                whole
+            }
+        }
+        None => seal_chunk(&inner.sealer, &inner.repo_id, kind, id, &data, shared.level)?,
+    };
+    if let Some(b) = sealed.base {
+        lock(&shared.bases).insert(b);
+    }
     let mut st = lock(&shared.stats);
     st.chunks_new += 1;
     st.bytes_new_raw += len as u64;
     st.bytes_new_stored += sealed.blob.len() as u64;
+    if sealed.base.is_some() {
+        st.chunks_delta += 1;
+    }
     Ok((ChunkRef(id, len), Some(sealed)))
 }
 

@@ -18,7 +18,9 @@ use super::error::{RepoError, Result};
 use super::format::{ChunkId, PackId};
 use super::index::Location;
 use super::manifest::manifest_object;
-use super::pack::{open_chunk, pack_id_from_key, pack_object, read_table, ChunkKeys};
+use super::pack::{
+    apply_delta, open_blob, pack_id_from_key, pack_object, read_table, ChunkKeys, Opened,
+};
 use super::Repository;
 
 #[derive(Debug, Clone, Default)]
@@ -209,20 +211,8 @@ impl Repository {
             Some(n) => n.clone(),
             None => self.list_manifests("").await?,
         };
-        let healthy = |id: &ChunkId| -> std::result::Result<(), Vec<PackId>> {
-            match locs.get(id) {
-                None => Err(Vec::new()),
-                Some(ls) => {
-                    if ls.iter().any(|l| {
-                        !bad_packs.contains(&l.pack) && !bad_copies.contains(&(*id, l.pack))
-                    }) {
-                        Ok(())
-                    } else {
-                        Err(ls.iter().map(|l| l.pack).collect())
-                    }
-                }
-            }
-        };
+        let healthy =
+            |id: &ChunkId| healthy_copy(&locs, &bad_packs, &bad_copies, id, MAX_BASE_DEPTH);
         let mut referenced: HashSet<ChunkId> = HashSet::new();
         for name in names {
             report.manifests_checked += 1;
@@ -334,8 +324,58 @@ impl Repository {
     }
 
     /// Download a whole pack, check it against its name, and open every
-    /// blob its table lists.
+    /// blob its table lists (a delta is decoded against its base, read
+    /// from wherever it is stored).
     async fn read_pack(&self, pack: &PackId) -> Result<PackRead> {
+        let mut read = self.read_pack_blobs(pack).await?;
+        let deltas = std::mem::take(&mut read.deltas);
+        let object = pack_object(pack);
+        for batch in deltas.chunks(DELTA_BATCH) {
+            let bases: Vec<ChunkId> = batch.iter().map(|d| d.1).collect();
+            let base_data = match super::read::read_chunks(&self.inner, &bases).await {
+                Ok(b) => b.into_iter().map(Some).collect(),
+                // Find out which base fails: one at a time.
+                Err(_) => {
+                    let mut each = Vec::with_capacity(bases.len());
+                    for b in &bases {
+                        each.push(
+                            super::read::read_chunks(&self.inner, &[*b])
+                                .await
+                                .ok()
+                                .and_then(|mut v| v.pop()),
+                        );
+                    }
+                    each
+                }
+            };
+            let inner = self.inner.clone();
+            let batch = batch.to_vec();
+            let object = object.clone();
+            let bad = tokio::task::spawn_blocking(move || {
+                let keys = ChunkKeys {
+                    sealer: &inner.sealer,
+                    repo_id: &inner.repo_id,
+                    id_key: &inner.keys.chunk_id,
+                };
+                let mut bad = Vec::new();
+                for ((id, _, frame, raw), base) in batch.iter().zip(base_data) {
+                    let ok = base.is_some_and(|b| {
+                        apply_delta(&keys, id, &b, frame, *raw as usize, &object)
+                            .is_ok_and(|d| d.len() == *raw as usize)
+                    });
+                    if !ok {
+                        bad.push(*id);
+                    }
+                }
+                bad
+            })
+            .await?;
+            read.bad.extend(bad);
+        }
+        Ok(read)
+    }
+
+    async fn read_pack_blobs(&self, pack: &PackId) -> Result<PackRead> {
         let object = pack_object(pack);
         let bytes = backend::get(&*self.inner.backend, &object).await?;
         let inner = self.inner.clone();
@@ -355,9 +395,10 @@ impl Repository {
             };
             let max = inner.config.chunker.max_size as usize;
             let mut bad = Vec::new();
+            let mut deltas = Vec::new();
             for e in &table {
                 let blob = &bytes[e.offset as usize..e.offset as usize + e.length as usize];
-                match open_chunk(
+                match open_blob(
                     &keys,
                     e.kind,
                     &e.id,
@@ -365,7 +406,12 @@ impl Repository {
                     (e.raw_length as usize).min(max),
                     &object,
                 ) {
-                    Ok(d) if d.len() == e.raw_length as usize => {}
+                    Ok(Opened::Plain(d)) if d.len() == e.raw_length as usize => {}
+                    Ok(Opened::Delta { base, frame })
+                        if e.base.is_none_or(|b| b == base) && e.raw_length as usize <= max =>
+                    {
+                        deltas.push((e.id, base, frame, e.raw_length))
+                    }
                     _ => bad.push(e.id),
                 }
             }
@@ -374,6 +420,7 @@ impl Repository {
                 chunks: table.len() as u64,
                 table: Some(table.iter().map(|e| (e.id, e.offset, e.length)).collect()),
                 bad,
+                deltas,
             })
         })
         .await?
@@ -385,4 +432,45 @@ struct PackRead {
     chunks: u64,
     table: Option<HashSet<(ChunkId, u32, u32)>>,
     bad: Vec<ChunkId>,
+    /// Delta blobs still to decode: (id, base, frame, raw length).
+    deltas: Vec<(ChunkId, ChunkId, Vec<u8>, u32)>,
+}
+
+/// Delta blobs decoded per batch of bases read together.
+const DELTA_BATCH: usize = 128;
+
+/// How deep a chain of bases verify follows (as readers do).
+const MAX_BASE_DEPTH: usize = 4;
+
+/// Whether `id` has a sound copy: in a pack that is present and whole, not
+/// a copy that failed to open, and (for a delta) whose base has one too.
+/// Otherwise the packs holding its copies (none: it is in no index).
+fn healthy_copy(
+    locs: &HashMap<ChunkId, Vec<Location>>,
+    bad_packs: &HashSet<PackId>,
+    bad_copies: &HashSet<(ChunkId, PackId)>,
+    id: &ChunkId,
+    depth: usize,
+) -> std::result::Result<(), Vec<PackId>> {
+    let Some(ls) = locs.get(id) else {
+        return Err(Vec::new());
+    };
+    let sound = |l: &Location| {
+        !bad_packs.contains(&l.pack)
+            && !bad_copies.contains(&(*id, l.pack))
+            && l.base.is_none_or(|b| {
+                depth > 0 && healthy_copy(locs, bad_packs, bad_copies, &b, depth - 1).is_ok()
+            })
+    };
+    if ls.iter().any(sound) {
+        Ok(())
+    } else {
+        let mut packs: Vec<PackId> = ls.iter().map(|l| l.pack).collect();
+        for b in ls.iter().filter_map(|l| l.base) {
+            if let Some(bl) = locs.get(&b) {
+                packs.extend(bl.iter().map(|l| l.pack));
+            }
+        }
+        Err(packs)
+    }
 }
