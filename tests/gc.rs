@@ -879,34 +879,15 @@ async fn torture_writers_and_killed_collectors() {
 async fn delta_bases_survive_expire_and_gc() {
     const BLOCK: usize = 32 * 1024;
     let t = local_repo(gc_init(2)).await;
-    let store = |data: Vec<u8>, prev: Option<Vec<pgcairn::repo::ChunkRef>>, name: &'static str| {
-        let repo = &t.repo;
-        async move {
-            let w = repo.writer("test").await.expect("writer");
-            let s = w
-                .store_blocks_after(Cursor::new(data), BLOCK, prev.map(std::sync::Arc::new))
-                .await
-                .expect("store");
-            let chunks = s.chunks.clone();
-            w.commit(&manifest(
-                name,
-                Value::Null,
-                vec![entry("f", s, Value::Null)],
-            ))
-            .await
-            .expect("commit");
-            (w.finish().await.expect("finish"), chunks)
-        }
-    };
     let v1 = db_like_bytes(4 << 20, 7);
     let blocks = v1.len() / BLOCK;
-    let (_, c1) = store(v1.clone(), None, "backups/db/1").await;
+    let (_, c1) = commit_blocks(&t.repo, "backups/db/1", &v1, BLOCK, None).await;
     // Day 2: a few bytes change in every other block.
     let mut v2 = v1.clone();
     for b in (0..blocks).step_by(2) {
         v2[b * BLOCK + 200..b * BLOCK + 216].copy_from_slice(b"changed on day 2");
     }
-    let (st2, c2) = store(v2.clone(), Some(c1.clone()), "backups/db/2").await;
+    let (st2, c2) = commit_blocks(&t.repo, "backups/db/2", &v2, BLOCK, Some(c1)).await;
     println!(
         "day 2: {} new chunks, {} as deltas, {} bytes stored for {} raw",
         st2.chunks_new, st2.chunks_delta, st2.bytes_new_stored, st2.bytes_new_raw
@@ -927,7 +908,7 @@ async fn delta_bases_survive_expire_and_gc() {
     for b in (0..blocks).step_by(4) {
         v3[b * BLOCK + 9000..b * BLOCK + 9016].copy_from_slice(b"changed on day 3");
     }
-    let (st3, _) = store(v3.clone(), Some(c2), "backups/db/3").await;
+    let (st3, _) = commit_blocks(&t.repo, "backups/db/3", &v3, BLOCK, Some(c2)).await;
     assert_eq!(st3.chunks_delta as usize, blocks / 4);
     for name in ["backups/db/1", "backups/db/2"] {
         t.repo.delete_manifest(name).await.expect("delete");

@@ -538,19 +538,7 @@ async fn interleaved_blocks_restore_with_few_reads() {
     const BLOCK: usize = 32 * 1024;
     let t = local_repo(test_init()).await;
     let mut data = db_like_bytes(16 * 1024 * 1024, 21);
-    let w = t.repo.writer("t").await.unwrap();
-    let s = w
-        .store_blocks(Cursor::new(data.clone()), BLOCK)
-        .await
-        .unwrap();
-    w.commit(&manifest(
-        "backups/x/1",
-        Value::Null,
-        vec![entry("f", s, Value::Null)],
-    ))
-    .await
-    .unwrap();
-    w.finish().await.unwrap();
+    commit_blocks(&t.repo, "backups/x/1", &data, BLOCK, None).await;
     // Day 2: every other block changes, so the file alternates packs.
     let blocks = data.len() / BLOCK;
     for b in (0..blocks).step_by(2) {
@@ -594,20 +582,7 @@ async fn writer_rescues_delta_bases_in_condemned_packs() {
     let t = local_repo(test_init()).await;
     let v1 = db_like_bytes(4 << 20, 5);
     let blocks = v1.len() / BLOCK;
-    let w = t.repo.writer("t").await.unwrap();
-    let s1 = w
-        .store_blocks(Cursor::new(v1.clone()), BLOCK)
-        .await
-        .unwrap();
-    let c1 = s1.chunks.clone();
-    w.commit(&manifest(
-        "backups/x/1",
-        Value::Null,
-        vec![entry("f", s1, Value::Null)],
-    ))
-    .await
-    .unwrap();
-    w.finish().await.unwrap();
+    let (_, c1) = commit_blocks(&t.repo, "backups/x/1", &v1, BLOCK, None).await;
     let b = t.repo.backend();
     let data_packs: Vec<String> = backend::list(&*b, "packs/")
         .await

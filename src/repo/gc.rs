@@ -41,7 +41,7 @@ use super::index::{build_index, index_object, Location, PackInfo};
 use super::lease::{
     holder_has_ended, open_doc, CondemnedPack, GcMark, Lease, LeaseDoc, LEASES_PREFIX, MARKS_PREFIX,
 };
-use super::pack::{open_blob, pack_id_from_key, pack_object, ChunkKeys, PackEntry, SealedChunk};
+use super::pack::{open_blob, pack_id_from_key, pack_object, PackEntry, SealedChunk};
 use super::uploads::UploadListing;
 use super::Repository;
 
@@ -901,11 +901,7 @@ impl Repository {
                         "content does not hash to its name",
                     ));
                 }
-                let keys = ChunkKeys {
-                    sealer: &inner2.sealer,
-                    repo_id: &inner2.repo_id,
-                    id_key: &inner2.keys.chunk_id,
-                };
+                let keys = inner2.chunk_keys();
                 let mut out = Vec::with_capacity(need.len());
                 for (id, loc) in need {
                     let range = loc.offset as usize..loc.offset as usize + loc.length as usize;

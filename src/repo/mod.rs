@@ -127,6 +127,17 @@ pub(crate) struct Inner {
     pub pack_reads: std::sync::atomic::AtomicU64,
 }
 
+impl Inner {
+    /// What opening a chunk needs, borrowed from the open repository.
+    pub(crate) fn chunk_keys(&self) -> pack::ChunkKeys<'_> {
+        pack::ChunkKeys {
+            sealer: &self.sealer,
+            repo_id: &self.repo_id,
+            id_key: &self.keys.chunk_id,
+        }
+    }
+}
+
 /// An open, unlocked repository.
 #[derive(Clone)]
 pub struct Repository {

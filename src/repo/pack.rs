@@ -235,10 +235,16 @@ pub fn open_blob(
         }
         f => return Err(RepoError::corrupt(&what, format!("unknown chunk flag {f}"))),
     };
-    if chunk_id(keys.id_key, &data) != id.0 {
-        return Err(RepoError::corrupt(&what, "content does not hash to its id"));
-    }
+    check_id(keys, id, &data, &what)?;
     Ok(Opened::Plain(data))
+}
+
+/// The plaintext must hash to the id it was asked for.
+fn check_id(keys: &ChunkKeys<'_>, id: &ChunkId, data: &[u8], what: &str) -> Result<()> {
+    if chunk_id(keys.id_key, data) != id.0 {
+        return Err(RepoError::corrupt(what, "content does not hash to its id"));
+    }
+    Ok(())
 }
 
 /// Decode a delta frame against its base's plaintext and re-hash it.
@@ -256,9 +262,7 @@ pub fn apply_delta(
     dctx.ref_prefix(base_data).map_err(failed)?;
     let mut data = Vec::with_capacity(max_len);
     dctx.decompress(&mut data, frame).map_err(failed)?;
-    if chunk_id(keys.id_key, &data) != id.0 {
-        return Err(RepoError::corrupt(&what, "content does not hash to its id"));
-    }
+    check_id(keys, id, &data, &what)?;
     Ok(data)
 }
 

@@ -19,21 +19,13 @@ use super::error::{RepoError, Result};
 use super::format::ChunkId;
 use super::index::Location;
 use super::manifest::ChunkRef;
-use super::pack::{apply_delta, open_blob, pack_object, ChunkKeys, Opened};
+use super::pack::{apply_delta, open_blob, pack_object, Opened};
 use super::Inner;
 
 /// Longest chain of deltas a read follows. Writers only ever make chains
 /// of one (a base is a chunk stored whole); this bounds what a damaged or
 /// hostile repository can make a reader do.
-const MAX_DELTA_DEPTH: usize = 4;
-
-fn chunk_keys(inner: &Inner) -> ChunkKeys<'_> {
-    ChunkKeys {
-        sealer: &inner.sealer,
-        repo_id: &inner.repo_id,
-        id_key: &inner.keys.chunk_id,
-    }
-}
+pub(crate) const MAX_DELTA_DEPTH: usize = 4;
 
 /// Fetch and open one chunk at a known location (following its base when
 /// it is stored as a delta).
@@ -63,7 +55,7 @@ fn fetch_at(
         let max = max_len(inner, &loc);
         let object2 = object.clone();
         let opened = tokio::task::spawn_blocking(move || {
-            open_blob(&chunk_keys(&inner2), loc.kind, &id, &blob, max, &object2)
+            open_blob(&inner2.chunk_keys(), loc.kind, &id, &blob, max, &object2)
         })
         .await??;
         let (base, frame) = match opened {
@@ -86,7 +78,7 @@ fn fetch_at(
         let base_data = read_chunk_at(inner, base, depth + 1).await?;
         let inner2 = inner.clone();
         tokio::task::spawn_blocking(move || {
-            apply_delta(&chunk_keys(&inner2), &id, &base_data, &frame, max, &object)
+            apply_delta(&inner2.chunk_keys(), &id, &base_data, &frame, max, &object)
         })
         .await?
     })
@@ -272,7 +264,7 @@ async fn run_fetch(
     };
     let inner = inner.clone();
     let opened = tokio::task::spawn_blocking(move || {
-        let keys = chunk_keys(&inner);
+        let keys = inner.chunk_keys();
         f.members
             .iter()
             .map(|&i| {
@@ -366,7 +358,7 @@ async fn apply_deltas(
     let inner2 = inner.clone();
     let blobs2 = blobs.clone();
     let (mut data, failed) = tokio::task::spawn_blocking(move || {
-        let keys = chunk_keys(&inner2);
+        let keys = inner2.chunk_keys();
         let mut failed = Vec::new();
         for (i, base, frame) in deltas {
             let (id, loc) = &blobs2[i];

@@ -18,9 +18,7 @@ use super::error::{RepoError, Result};
 use super::format::{ChunkId, PackId};
 use super::index::Location;
 use super::manifest::manifest_object;
-use super::pack::{
-    apply_delta, open_blob, pack_id_from_key, pack_object, read_table, ChunkKeys, Opened,
-};
+use super::pack::{apply_delta, open_blob, pack_id_from_key, pack_object, read_table, Opened};
 use super::Repository;
 
 #[derive(Debug, Clone, Default)]
@@ -211,8 +209,15 @@ impl Repository {
             Some(n) => n.clone(),
             None => self.list_manifests("").await?,
         };
-        let healthy =
-            |id: &ChunkId| healthy_copy(&locs, &bad_packs, &bad_copies, id, MAX_BASE_DEPTH);
+        let healthy = |id: &ChunkId| {
+            healthy_copy(
+                &locs,
+                &bad_packs,
+                &bad_copies,
+                id,
+                super::read::MAX_DELTA_DEPTH,
+            )
+        };
         let mut referenced: HashSet<ChunkId> = HashSet::new();
         for name in names {
             report.manifests_checked += 1;
@@ -352,11 +357,7 @@ impl Repository {
             let batch = batch.to_vec();
             let object = object.clone();
             let bad = tokio::task::spawn_blocking(move || {
-                let keys = ChunkKeys {
-                    sealer: &inner.sealer,
-                    repo_id: &inner.repo_id,
-                    id_key: &inner.keys.chunk_id,
-                };
+                let keys = inner.chunk_keys();
                 let mut bad = Vec::new();
                 for ((id, _, frame, raw), base) in batch.iter().zip(base_data) {
                     let ok = base.is_some_and(|b| {
@@ -388,11 +389,7 @@ impl Repository {
                 ));
             }
             let table = read_table(&inner.sealer, &inner.repo_id, &bytes, &object)?;
-            let keys = ChunkKeys {
-                sealer: &inner.sealer,
-                repo_id: &inner.repo_id,
-                id_key: &inner.keys.chunk_id,
-            };
+            let keys = inner.chunk_keys();
             let max = inner.config.chunker.max_size as usize;
             let mut bad = Vec::new();
             let mut deltas = Vec::new();
@@ -438,9 +435,6 @@ struct PackRead {
 
 /// Delta blobs decoded per batch of bases read together.
 const DELTA_BATCH: usize = 128;
-
-/// How deep a chain of bases verify follows (as readers do).
-const MAX_BASE_DEPTH: usize = 4;
 
 /// Whether `id` has a sound copy: in a pack that is present and whole, not
 /// a copy that failed to open, and (for a delta) whose base has one too.

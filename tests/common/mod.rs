@@ -7,7 +7,8 @@ pub mod pg;
 use std::path::PathBuf;
 
 use pgcairn::repo::crypto::KdfParams;
-use pgcairn::repo::{InitOptions, OpenOptions, Repository};
+use pgcairn::repo::store::{entry, manifest};
+use pgcairn::repo::{ChunkRef, InitOptions, OpenOptions, Repository, WriteStats};
 use zeroize::Zeroizing;
 
 pub const PASS: &[u8] = b"correct horse battery staple";
@@ -138,4 +139,35 @@ pub fn real_file() -> PathBuf {
     } else {
         std::env::current_exe().expect("exe")
     }
+}
+
+/// Store `data` as one file of fixed `block`-byte chunks (changed blocks as
+/// deltas when `previous`, its last version's chunk list, is given) in a
+/// writer session of its own and commit it as manifest `name`. Returns the
+/// session's counters and the file's chunk list.
+pub async fn commit_blocks(
+    repo: &Repository,
+    name: &str,
+    data: &[u8],
+    block: usize,
+    previous: Option<Vec<ChunkRef>>,
+) -> (WriteStats, Vec<ChunkRef>) {
+    let w = repo.writer("test").await.expect("writer");
+    let s = w
+        .store_blocks_after(
+            std::io::Cursor::new(data.to_vec()),
+            block,
+            previous.map(std::sync::Arc::new),
+        )
+        .await
+        .expect("store");
+    let chunks = s.chunks.clone();
+    w.commit(&manifest(
+        name,
+        ciborium::Value::Null,
+        vec![entry("f", s, ciborium::Value::Null)],
+    ))
+    .await
+    .expect("commit");
+    (w.finish().await.expect("finish"), chunks)
 }
