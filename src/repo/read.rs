@@ -419,10 +419,22 @@ pub(crate) async fn read_refs<W: Write + Send>(
     let mut s = futures::stream::iter(windows)
         .map(|w| read_window(inner, w))
         .buffered(READ_AHEAD);
+    // Writing blocks (the file system throttles writers with much dirty
+    // data): off the async workers, so the other streams' reads and
+    // decryption go on meanwhile.
+    let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::MultiThread;
     while let Some(chunks) = s.try_next().await? {
-        for d in chunks {
-            out.write_all(&d)
-                .map_err(|e| RepoError::io("writing restored data", e))?;
+        let mut write = || {
+            chunks
+                .iter()
+                .try_for_each(|d| out.write_all(d))
+                .map_err(|e| RepoError::io("writing restored data", e))
+        };
+        if multi_thread {
+            tokio::task::block_in_place(write)?;
+        } else {
+            write()?;
         }
     }
     Ok(())
