@@ -202,9 +202,10 @@ pub struct ArchiveGetArgs {
     pub file: String,
     /// Where to put it (%p).
     pub dest: std::path::PathBuf,
-    /// Fetch the next N segments into a local spool in parallel, so that
-    /// recovery is not one round trip per segment (0 turns it off).
-    #[arg(long, default_value_t = 4)]
+    /// Fetch the next N segments (at most 32) into a local spool in the
+    /// background while PostgreSQL replays, so that recovery does not wait
+    /// for one repository round trip per segment (0 turns it off).
+    #[arg(long, default_value_t = 8)]
     pub prefetch: usize,
 }
 

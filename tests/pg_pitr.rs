@@ -274,7 +274,8 @@ fn archive_get_exit_codes_and_storage_faults_stop_recovery() {
         cairn.cache.to_str().unwrap(),
     ]);
     // Empty the spool the earlier calls may have filled, so every segment
-    // must come from the repository.
+    // must come from the repository (after their fillers have finished).
+    wait_for_fillers(std::path::Path::new(&cairn.cache));
     for e in std::fs::read_dir(&cairn.cache).unwrap() {
         let spool = e.unwrap().path().join("spool");
         if spool.exists() {
@@ -665,6 +666,8 @@ fn archive_push_looks_ahead_and_rechecks_records() {
     };
     let out = d.join("got");
     assert_eq!(get(&names[0], &out).status.code(), Some(0));
+    // The call returns at once; its filler fetches in the background.
+    wait_for_fillers(std::path::Path::new(&cairn.cache));
     // With the WAL archive unreadable, a spooled segment is still served,
     // checked; one not spooled is an error (255), never "absent".
     std::fs::set_permissions(&wal_manifests, std::fs::Permissions::from_mode(0o000)).unwrap();
@@ -674,6 +677,7 @@ fn archive_push_looks_ahead_and_rechecks_records() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(std::fs::read(&out).unwrap() == std::fs::read(wal.join(&names[1])).unwrap());
     assert_eq!(missing.status.code(), Some(255), "{}", text(&missing));
+    wait_for_fillers(std::path::Path::new(&cairn.cache));
     // A damaged spool file is not served: the repository's copy is.
     let spooled = find(std::path::Path::new(&cairn.cache), &names[3]).expect("names[3] spooled");
     let mut bytes = std::fs::read(&spooled).unwrap();
@@ -681,6 +685,26 @@ fn archive_push_looks_ahead_and_rechecks_records() {
     std::fs::write(&spooled, &bytes).unwrap();
     assert_eq!(get(&names[3], &out).status.code(), Some(0));
     assert!(std::fs::read(&out).unwrap() == std::fs::read(wal.join(&names[3])).unwrap());
+}
+
+/// Wait until no archive-get filler runs under `cache`: a filler holds its
+/// spool's lock from before the archive-get that started it returns.
+fn wait_for_fillers(cache: &std::path::Path) {
+    let Ok(rd) = std::fs::read_dir(cache) else {
+        return;
+    };
+    for e in rd {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            wait_for_fillers(&p);
+        } else if p.file_name().is_some_and(|n| n == ".filler.lock") {
+            let f = std::fs::File::open(&p).unwrap();
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+            // SAFETY: flock on a descriptor owned by `f`; blocks until the
+            // filler exits.
+            assert_eq!(unsafe { libc::flock(fd, libc::LOCK_EX) }, 0);
+        }
+    }
 }
 
 fn find(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {

@@ -50,7 +50,7 @@ fn timeline_of(file: &WalFile) -> u32 {
 }
 
 /// The system identifier registered for `server`, if any.
-async fn registered_sysid(repo: &Repository, server: &str) -> Result<Option<u64>> {
+pub(super) async fn registered_sysid(repo: &Repository, server: &str) -> Result<Option<u64>> {
     let name = server_record(server);
     match repo.manifest_meta(&name).await {
         Ok(v) => Ok(Some(
@@ -245,7 +245,7 @@ fn record_text(sysid: u64, hash: &blake3::Hash) -> String {
     format!("{sysid} {}\n", hash.to_hex())
 }
 
-fn write_record(dir: &Path, file: &str, text: &str) -> Result<()> {
+pub(super) fn write_record(dir: &Path, file: &str, text: &str) -> Result<()> {
     std::fs::create_dir_all(dir)
         .map_err(|e| EngineError::io(format!("creating {}", dir.display()), e))?;
     let tmp = dir.join(format!(".{file}.{}", std::process::id()));
@@ -336,116 +336,4 @@ pub async fn push_with_lookahead(
         }
     }
     Ok(PushReport { outcome, ahead })
-}
-
-/// The prefetch spool of archive-get: the next segments fetched ahead
-/// into a local directory, each with a sidecar of its expected hash.
-#[derive(Debug, Clone)]
-pub struct Spool {
-    pub dir: std::path::PathBuf,
-    /// How many segments after the requested one to keep fetched.
-    pub max: usize,
-}
-
-fn sidecar(dir: &Path, file: &str) -> std::path::PathBuf {
-    dir.join(format!("{file}.b3"))
-}
-
-/// Serve `file` from the spool if it is there and still checks out.
-fn from_spool(spool: &Spool, file: &str, dest: &Path) -> Result<bool> {
-    let p = spool.dir.join(file);
-    let (Ok(data), Ok(want)) = (
-        std::fs::read(&p),
-        std::fs::read_to_string(sidecar(&spool.dir, file)),
-    ) else {
-        return Ok(false);
-    };
-    let mut parts = want.split_whitespace();
-    let (Some(sysid), Some(hash)) = (
-        parts.next().and_then(|s| s.parse::<u64>().ok()),
-        parts.next(),
-    ) else {
-        return Ok(false);
-    };
-    let ok_hash = blake3::hash(&data).to_hex().as_str() == hash;
-    let ok_header = match WalFile::parse(file, data.len() as u64) {
-        Some(WalFile::Segment { timeline, segno }) => {
-            check_segment(file, &data, timeline, segno, Some(sysid)).is_ok()
-        }
-        _ => false,
-    };
-    let _ = std::fs::remove_file(sidecar(&spool.dir, file));
-    let _ = std::fs::remove_file(&p);
-    if !(ok_hash && ok_header) {
-        return Ok(false);
-    }
-    let tmp = dest.with_file_name(format!(".{file}.pgcairn-tmp"));
-    let mut f = std::fs::File::create(&tmp)
-        .map_err(|e| EngineError::io(format!("creating {}", tmp.display()), e))?;
-    // No fsync, as in `get`.
-    f.write_all(&data)
-        .map_err(|e| EngineError::io(format!("writing {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, dest)
-        .map_err(|e| EngineError::io(format!("renaming into {}", dest.display()), e))?;
-    Ok(true)
-}
-
-/// archive-get with prefetch. A spool hit is served after its hash and
-/// header check; a miss (or a spool file that fails its check) goes to the
-/// repository, so "absent" is only ever a direct lookup's answer. Then the
-/// next `max` segments of the same timeline are fetched into the spool in
-/// parallel, and older spool files are removed.
-pub async fn get_with_prefetch(
-    repo: &Repository,
-    server: &str,
-    file: &str,
-    dest: &Path,
-    spool: &Spool,
-) -> Result<GetOutcome> {
-    let outcome = if from_spool(spool, file, dest)? {
-        GetOutcome::Restored
-    } else {
-        get(repo, server, file, dest).await?
-    };
-    if outcome == GetOutcome::Absent || spool.max == 0 {
-        return Ok(outcome);
-    }
-    let seg_size = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(16 << 20);
-    let Some(WalFile::Segment { timeline, segno }) = WalFile::parse(file, seg_size) else {
-        return Ok(outcome);
-    };
-    std::fs::create_dir_all(&spool.dir)
-        .map_err(|e| EngineError::io(format!("creating {}", spool.dir.display()), e))?;
-    let next: Vec<String> = (1..=spool.max.min(32) as u64)
-        .map(|k| crate::pg::wal::segment_name(timeline, segno + k, seg_size))
-        .collect();
-    // Clean: everything in the spool that is not one of the next segments.
-    if let Ok(rd) = std::fs::read_dir(&spool.dir) {
-        for e in rd.filter_map(|e| e.ok()) {
-            let n = e.file_name().to_string_lossy().to_string();
-            let base = n.trim_end_matches(".b3");
-            if !next.iter().any(|x| x == base) {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
-    let sysid = registered_sysid(repo, server).await?.unwrap_or(0);
-    let wanted: Vec<String> = next
-        .into_iter()
-        .filter(|n| !spool.dir.join(n).exists())
-        .collect();
-    futures::future::join_all(wanted.into_iter().map(|n| async move {
-        let p = spool.dir.join(&n);
-        // Failures and absences are simply not spooled.
-        if let Ok(GetOutcome::Restored) = get(repo, server, &n, &p).await {
-            if let Ok(data) = std::fs::read(&p) {
-                let _ = std::fs::write(
-                    sidecar(&spool.dir, &n),
-                    format!("{sysid} {}\n", blake3::hash(&data).to_hex()),
-                );
-            }
-        }
-    }))
-    .await;
-    Ok(outcome)
 }

@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod check;
 pub mod restore;
 pub mod retention;
+pub mod spool;
 pub mod verify;
 pub mod walarchive;
 
