@@ -77,6 +77,7 @@ impl Write for WriteBehind<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.file.write(buf)?;
         self.written += n as u64;
+        #[cfg(target_os = "linux")]
         if self.written - self.started >= WRITE_BEHIND {
             use std::os::fd::AsRawFd;
             // SAFETY: a valid descriptor and range; the call only starts

@@ -9,7 +9,7 @@
 //! ```
 //!
 //! Every stage is bounded, so memory stays flat whatever the input size:
-//! batches (about 1 MiB of chunks each) in flight ≤ channel + workers,
+//! batches (about 512 KiB of chunks each) in flight ≤ channel + workers,
 //! packs in flight ≤ `io_depth`.
 //! Order of durability: packs, then the index objects naming them, then
 //! (in `commit`) the manifest.
@@ -85,7 +85,7 @@ fn fixed_blocks<R: Read>(
 /// Bytes of chunks handed to a CPU worker at once. Per-chunk hand-offs
 /// (channel, semaphore, blocking-pool wake-up) cost about as much as
 /// compressing a 32 KiB block, and left a core idle in between.
-const BATCH_BYTES: usize = 1 << 20;
+const BATCH_BYTES: usize = 512 << 10;
 
 /// Flush an index object once this many entries await one.
 const INDEX_FLUSH_ENTRIES: usize = 64 * 1024;
@@ -374,12 +374,11 @@ impl Writer {
                     if !deltas.is_empty() {
                         // A base that cannot be read costs only the saving:
                         // that block is stored whole.
-                        let bases = futures::future::join_all(
-                            deltas
-                                .iter()
-                                .map(|(_, _, _, base, loc)| fetch_chunk(&shared.inner, base, loc)),
-                        )
-                        .await;
+                        let bases: Vec<Result<Vec<u8>>> = futures::stream::iter(&deltas)
+                            .map(|(_, _, _, base, loc)| fetch_chunk(&shared.inner, base, loc))
+                            .buffered(shared.inner.opts.io_depth.max(1))
+                            .collect()
+                            .await;
                         let _permit = cpu
                             .acquire_owned()
                             .await
