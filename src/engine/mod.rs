@@ -6,6 +6,7 @@ pub mod archive;
 pub mod backup;
 pub mod catalog;
 pub mod check;
+mod filewriter;
 pub mod restore;
 pub mod retention;
 pub mod spool;

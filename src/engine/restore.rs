@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::{StreamExt, TryStreamExt};
 
 use super::catalog::{attrs_of, from_value, BackupMeta};
+use super::filewriter;
 use super::{EngineError, Progress, Result};
 use crate::repo::{Entry, Repository};
 
@@ -59,47 +60,6 @@ fn is_empty_dir(p: &Path) -> Result<bool> {
         .is_none())
 }
 
-/// Bytes written between two write-back requests.
-const WRITE_BEHIND: u64 = 8 << 20;
-
-/// A file writer that asks the kernel to start writing each
-/// [`WRITE_BEHIND`] bytes to disk as soon as they are written (as
-/// PostgreSQL's `*_flush_after` settings do). Otherwise nothing reaches the
-/// disk until the dirty-page limit or the fsync, and the restore alternates
-/// between computing with an idle disk and waiting with idle cores.
-struct WriteBehind<'a> {
-    file: &'a mut std::fs::File,
-    written: u64,
-    started: u64,
-}
-
-impl Write for WriteBehind<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.written += n as u64;
-        #[cfg(target_os = "linux")]
-        if self.written - self.started >= WRITE_BEHIND {
-            use std::os::fd::AsRawFd;
-            // SAFETY: a valid descriptor and range; the call only starts
-            // write-back of pages already written (a hint: errors surface
-            // at the fsync that follows every file).
-            unsafe {
-                libc::sync_file_range(
-                    self.file.as_raw_fd(),
-                    self.started as libc::off64_t,
-                    (self.written - self.started) as libc::off64_t,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                );
-            }
-            self.started = self.written;
-        }
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
-    }
-}
-
 /// Write one file: temporary name, content, fsync, mode, mtime, rename.
 async fn write_file(
     repo: &Repository,
@@ -114,18 +74,12 @@ async fn write_file(
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_default()
     ));
-    let mut f = std::fs::File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
-    {
-        let behind = WriteBehind {
-            file: &mut f,
-            written: 0,
-            started: 0,
-        };
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, behind);
-        repo.restore_entry(e, &mut w).await?;
-        w.flush()
-            .map_err(io(format!("writing {}", tmp.display())))?;
-    }
+    let (f, direct) =
+        filewriter::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+    let mut w = filewriter::FileWriter::new(&f, direct);
+    repo.restore_entry(e, &mut w).await?;
+    w.finish()
+        .map_err(io(format!("writing {}", tmp.display())))?;
     // fsync can take a while on a large file: keep it off the async workers.
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || {

@@ -89,6 +89,64 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { std::cell::RefCell::new(None) };
+    /// For deltas: a context that takes the base per call.
+    static DELTA_CCTX: std::cell::RefCell<Option<zstd::zstd_safe::CCtx<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DELTA_DCTX: std::cell::RefCell<Option<zstd::zstd_safe::DCtx<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// zstd takes a "dictionary" that starts with these bytes as a trained
+/// dictionary, anything else as raw content, i.e. as a prefix: a base with
+/// this start (no PostgreSQL page has it) goes through the explicit-prefix
+/// API instead. Both make and read the same frames.
+const ZSTD_DICT_MAGIC: [u8; 4] = 0xEC30A437u32.to_le_bytes();
+
+fn is_dict_like(base: &[u8]) -> bool {
+    base.starts_with(&ZSTD_DICT_MAGIC)
+}
+
+/// Compress `data` with `base` as its prefix.
+fn compress_with_base(data: &[u8], base: &[u8], level: i32) -> Result<Vec<u8>> {
+    let failed = |e| RepoError::Task(format!("zstd delta compression failed: code {e}"));
+    let mut frame = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+    if is_dict_like(base) {
+        let mut cctx = zstd::zstd_safe::CCtx::create();
+        cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level))
+            .map_err(failed)?;
+        cctx.ref_prefix(base).map_err(failed)?;
+        cctx.compress2(&mut frame, data).map_err(failed)?;
+        return Ok(frame);
+    }
+    DELTA_CCTX.with(|c| {
+        let mut c = c.borrow_mut();
+        let cctx = c.get_or_insert_with(zstd::zstd_safe::CCtx::create);
+        cctx.compress_using_dict(&mut frame, data, base, level)
+            .map_err(failed)
+    })?;
+    Ok(frame)
+}
+
+/// Decompress a frame made by [`compress_with_base`] (or by the
+/// explicit-prefix API) against the same base.
+fn decompress_with_base(
+    frame: &[u8],
+    base: &[u8],
+    max_len: usize,
+) -> std::result::Result<Vec<u8>, usize> {
+    let mut data = Vec::with_capacity(max_len);
+    if is_dict_like(base) {
+        let mut dctx = zstd::zstd_safe::DCtx::create();
+        dctx.ref_prefix(base)?;
+        dctx.decompress(&mut data, frame)?;
+        return Ok(data);
+    }
+    DELTA_DCTX.with(|d| {
+        let mut d = d.borrow_mut();
+        let dctx = d.get_or_insert_with(zstd::zstd_safe::DCtx::create);
+        dctx.decompress_using_dict(&mut data, frame, base)
+    })?;
+    Ok(data)
 }
 
 fn compress(data: &[u8], level: i32) -> Result<Vec<u8>> {
@@ -161,13 +219,7 @@ pub fn seal_delta(
     level: i32,
     limit: usize,
 ) -> Result<Option<SealedChunk>> {
-    let failed = |e| RepoError::Task(format!("zstd delta compression failed: code {e}"));
-    let mut cctx = zstd::zstd_safe::CCtx::create();
-    cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level))
-        .map_err(failed)?;
-    cctx.ref_prefix(base_data).map_err(failed)?;
-    let mut frame = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
-    cctx.compress2(&mut frame, data).map_err(failed)?;
+    let frame = compress_with_base(data, base_data, level)?;
     if frame.len() >= limit {
         return Ok(None);
     }
@@ -257,11 +309,8 @@ pub fn apply_delta(
     object: &str,
 ) -> Result<Vec<u8>> {
     let what = format!("{object} (chunk {})", id.to_hex());
-    let mut dctx = zstd::zstd_safe::DCtx::create();
-    let failed = |e| RepoError::corrupt(&what, format!("zstd delta: code {e}"));
-    dctx.ref_prefix(base_data).map_err(failed)?;
-    let mut data = Vec::with_capacity(max_len);
-    dctx.decompress(&mut data, frame).map_err(failed)?;
+    let data = decompress_with_base(frame, base_data, max_len)
+        .map_err(|e| RepoError::corrupt(&what, format!("zstd delta: code {e}")))?;
     check_id(keys, id, &data, &what)?;
     Ok(data)
 }
@@ -419,6 +468,48 @@ mod tests {
         };
         let err = open_chunk(&keys, e.kind, &e.id, &blob, 1 << 20, "packs/ab/x").unwrap_err();
         assert!(err.to_string().contains("packs/ab/x"));
+    }
+
+    /// Frames made with a reused context and the base as a raw-content
+    /// dictionary and frames made with the explicit-prefix API (what
+    /// earlier versions wrote) decode either way; a base that looks like a
+    /// trained zstd dictionary still works as a prefix.
+    #[test]
+    fn delta_frames_match_the_prefix_api() {
+        for magic in [false, true] {
+            let mut base = vec![0u8; 32768];
+            blake3::Hasher::new()
+                .update(b"prefix")
+                .finalize_xof()
+                .fill(&mut base);
+            if magic {
+                base[..4].copy_from_slice(&ZSTD_DICT_MAGIC);
+            }
+            let mut data = base.clone();
+            data[20_000..20_008].copy_from_slice(b"abcdefgh");
+            let mut old = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+            let mut cctx = zstd::zstd_safe::CCtx::create();
+            cctx.ref_prefix(&base[..]).unwrap();
+            cctx.compress2(&mut old, &data).unwrap();
+            assert_eq!(decompress_with_base(&old, &base, data.len()).unwrap(), data);
+            let new = compress_with_base(&data, &base, 3).unwrap();
+            assert!(
+                new.len() < 200,
+                "delta of {} bytes (magic {magic})",
+                new.len()
+            );
+            let mut back = Vec::with_capacity(data.len());
+            let mut dctx = zstd::zstd_safe::DCtx::create();
+            dctx.ref_prefix(&base[..]).unwrap();
+            dctx.decompress(&mut back, &new).unwrap();
+            assert_eq!(back, data);
+            // A second use of the thread's contexts is as good as the first.
+            let again = compress_with_base(&data, &base, 3).unwrap();
+            assert_eq!(
+                decompress_with_base(&again, &base, data.len()).unwrap(),
+                data
+            );
+        }
     }
 
     #[test]

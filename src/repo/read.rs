@@ -416,8 +416,14 @@ pub(crate) async fn read_refs<W: Write + Send>(
         let refs = refs.to_vec();
         tokio::task::spawn_blocking(move || plan_windows(&inner, &refs)).await??
     };
+    // Each window is its own task, so reads and decryption go on while
+    // this task waits in a write.
     let mut s = futures::stream::iter(windows)
-        .map(|w| read_window(inner, w))
+        .map(|w| {
+            let inner = inner.clone();
+            let task = tokio::spawn(async move { read_window(&inner, w).await });
+            async move { task.await? }
+        })
         .buffered(READ_AHEAD);
     // Writing blocks (the file system throttles writers with much dirty
     // data): off the async workers, so the other streams' reads and
