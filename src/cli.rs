@@ -237,6 +237,12 @@ pub struct BackupArgs {
     /// Carry the WAL needed for consistency inside the backup (self-contained).
     #[arg(long)]
     pub include_wal: bool,
+    /// Read every file. By default a file whose size, mtime, ctime and
+    /// inode match the previous backup's record, and that had not changed
+    /// for 2 s before that backup started, is taken from it unread (as
+    /// pgBackRest's incremental backups do by timestamp).
+    #[arg(long)]
+    pub read_all: bool,
     /// Seconds to wait for the backup's WAL to be archived.
     #[arg(long, default_value_t = 600)]
     pub wal_timeout: u64,

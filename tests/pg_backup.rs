@@ -41,6 +41,10 @@ fn backup_under_load_restores_and_starts() {
     src.psql(ENTROPY_TABLE);
     run_ok(&mut src.pgbench(&["-i", "-s", "2", "-q"]));
     src.psql("CREATE UNLOGGED TABLE scratch AS SELECT g FROM generate_series(1,1000) g");
+    // A file of the DBA's in the data directory (backed up like any other).
+    let probe = src.pgdata.join("pgcairn-probe.txt");
+    std::fs::write(&probe, b"first version of the probe").unwrap();
+    chown(&probe);
     let before = digest(&src);
     let cairn = Cairn::new(d);
     let conninfo = src.conninfo();
@@ -235,6 +239,59 @@ fn backup_under_load_restores_and_starts() {
         new * 10 < logical,
         "second backup stored {new} of {logical}"
     );
+
+    // Rewrite the probe with its size and mtime kept (as `cp -p` or
+    // `rsync -a` leave a file): only its ctime tells, and the next backup
+    // must read it. Files untouched since initdb (long before the second
+    // backup started) are taken unread.
+    let mtime = std::fs::metadata(&probe).unwrap().modified().unwrap();
+    std::fs::write(&probe, b"other version of the probe").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&probe)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    src.psql("UPDATE orders SET amount = amount + 1 WHERE id % 997 = 0");
+    let out = cairn.ok(&[
+        "backup",
+        "--server",
+        "main",
+        "--pgdata",
+        &pgdata,
+        "--conninfo",
+        &conninfo,
+        "--include-wal",
+        "--fast-checkpoint",
+    ]);
+    println!("{out}");
+    let third = digest(&src);
+    let shown = cairn.ok(&["show", "--server", "main", "latest", "--format", "json"]);
+    let meta: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let unchanged = meta["unchanged_files"].as_u64().unwrap();
+    assert!(
+        unchanged > 100 && unchanged < meta["files"].as_u64().unwrap(),
+        "third backup took {unchanged} files unread"
+    );
+    let target3 = d.join("restored3");
+    cairn.ok(&[
+        "restore",
+        "--server",
+        "main",
+        "latest",
+        target3.to_str().unwrap(),
+        "--tablespace-map",
+        &format!("{}={}", ts_dir.display(), d.join("ts-restored3").display()),
+    ]);
+    assert_eq!(
+        std::fs::read(target3.join("pgcairn-probe.txt")).unwrap(),
+        b"other version of the probe"
+    );
+    let mut dst3 = Cluster::existing(&target3, d, "dst3");
+    dst3.start();
+    assert_eq!(digest(&dst3), third);
+    pgbench_consistent(&dst3);
+    dst3.stop();
 }
 
 #[test]

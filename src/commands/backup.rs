@@ -31,6 +31,7 @@ pub async fn run(ctx: &Ctx, a: BackupArgs) -> Result<()> {
         jobs: a.jobs,
         include_wal: a.include_wal,
         wal_timeout: Duration::from_secs(a.wal_timeout),
+        read_all: a.read_all,
     };
     let bar = Arc::new(Bar::new());
     let res = backup(&repo, &opts, bar.clone()).await;
@@ -40,7 +41,9 @@ pub async fn run(ctx: &Ctx, a: BackupArgs) -> Result<()> {
     let mbps = m.logical_bytes as f64 / 1e6 / m.duration_secs.max(0.001);
     let deltas = match &s.deltas_against {
         Some(prev) => format!(
-            "; {} changed block(s) as deltas against {prev}",
+            "; {} unchanged file(s) ({}) taken from {prev} without reading, {} changed block(s) as deltas against it",
+            s.unchanged_files,
+            human_bytes(s.unchanged_bytes),
             s.stats.chunks_delta
         ),
         None => String::new(),

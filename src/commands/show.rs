@@ -116,6 +116,13 @@ pub async fn run(ctx: &Ctx, a: ShowArgs) -> Result<()> {
         dedup,
         info.dedup_ratio
     );
+    if meta.unchanged_files > 0 {
+        println!(
+            "unchanged        {} file(s), {}, taken from the previous backup without reading",
+            meta.unchanged_files,
+            human_bytes(meta.unchanged_bytes)
+        );
+    }
     println!(
         "duration         {:.1}s ({:.0} MB/s)",
         meta.duration_secs, throughput

@@ -122,6 +122,8 @@ pub async fn push(repo: &Repository, server: &str, path: &Path) -> Result<PushOu
         .await?;
     let s = w.store_bytes(data).await?;
     let attrs = to_value(&FileAttrs {
+        ctime_ns: None,
+        ino: None,
         kind: "file".into(),
         mode: 0o600,
         mtime: now_unix(),

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 
 use super::catalog::{
-    backup_name, server_record, to_value, wal_name, BackupMeta, BadPage, FileAttrs, ServerRecord,
-    TablespaceMeta,
+    backup_name, from_value, server_record, to_value, wal_name, BackupMeta, BadPage, FileAttrs,
+    ServerRecord, TablespaceMeta,
 };
 use super::{utc_stamp, EngineError, Progress, Result};
 use crate::pg::checksum::{check_page, PageState};
@@ -21,7 +21,7 @@ use crate::pg::control;
 use crate::pg::datadir::{self, Item, Kind};
 use crate::pg::wal::{segment_name, segno_of};
 use crate::repo::format::now_unix;
-use crate::repo::store::{entry, manifest};
+use crate::repo::store::{entry, manifest, StoredStream};
 use crate::repo::{ChunkRef, Entry, RepoError, Repository, WriteStats};
 
 #[derive(Debug, Clone)]
@@ -36,6 +36,9 @@ pub struct BackupOptions {
     pub include_wal: bool,
     /// How long to wait for the backup's WAL to reach the archive.
     pub wal_timeout: Duration,
+    /// Read every file, even those whose size and timestamps say they are
+    /// unchanged since the previous backup.
+    pub read_all: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -46,23 +49,73 @@ pub struct BackupSummary {
     /// The backup whose relation blocks changed blocks were stored as
     /// deltas against, if any.
     pub deltas_against: Option<String>,
+    /// Files unchanged since that backup (size and timestamps), referenced
+    /// without being read, and their bytes.
+    pub unchanged_files: u64,
+    pub unchanged_bytes: u64,
     /// Things the user should know that did not stop the backup.
     pub warnings: Vec<String>,
 }
 
-/// Chunk lists of the server's latest backup, by path (for relation files: the previous
-/// version of every block). A previous backup that cannot be read costs
-/// only the saving (as pgBackRest falls back to a full backup when its
-/// prior backup is unusable): the reason comes back as a warning.
-async fn previous_blocks(
+/// A file as the server's latest backup stored it.
+struct PrevFile {
+    chunks: Arc<Vec<ChunkRef>>,
+    size: u64,
+    hash: crate::repo::format::ChunkId,
+    attrs: FileAttrs,
+}
+
+/// The server's latest backup: its files by path (for relation files, the
+/// previous version of every block), and what decides whether a file is
+/// unchanged since.
+#[derive(Default)]
+struct Previous {
+    id: Option<String>,
+    start_time: i64,
+    timeline: u32,
+    files: HashMap<String, PrevFile>,
+    bad_pages: Vec<BadPage>,
+}
+
+impl Previous {
+    /// The previous backup's copy of `it`, when the file cannot have
+    /// changed since that backup read it (pgBackRest's incremental rule,
+    /// with status change time and inode added): same timeline, same size,
+    /// mtime, ctime and inode, and a ctime at least [`SETTLED_SECS`] before
+    /// the previous backup started. Any write after that start moves ctime
+    /// to the start or later (file timestamps come from a clock at most a
+    /// tick behind), so an equal ctime means no write since the file was
+    /// read. Files whose ctime is newer are read again.
+    fn unchanged(&self, it: &Item, timeline: u32) -> Option<&PrevFile> {
+        if self.id.is_none() || self.timeline != timeline {
+            return None;
+        }
+        let p = self.files.get(&it.rel)?;
+        let a = &p.attrs;
+        let settled = a
+            .ctime_ns
+            .is_some_and(|c| c <= (self.start_time - SETTLED_SECS).saturating_mul(1_000_000_000));
+        (settled
+            && p.size == it.size
+            && a.mtime == it.mtime
+            && a.ctime_ns == Some(it.ctime_ns)
+            && a.ino == Some(it.ino))
+        .then_some(p)
+    }
+}
+
+/// How long before the previous backup's start a file must have last
+/// changed to count as unchanged by its timestamps.
+const SETTLED_SECS: i64 = 2;
+
+/// The server's latest backup with the same block size. One that cannot be
+/// read costs only the saving (as pgBackRest falls back to a full backup
+/// when its prior backup is unusable): the reason comes back as a warning.
+async fn previous_backup(
     repo: &Repository,
     server: &str,
     block_size: u32,
-) -> (
-    Option<String>,
-    HashMap<String, Arc<Vec<ChunkRef>>>,
-    Option<String>,
-) {
+) -> (Previous, Option<String>) {
     let found = async {
         let all = super::catalog::list_backups(repo, Some(server)).await?;
         let Some(last) = all
@@ -70,25 +123,40 @@ async fn previous_blocks(
             .rev()
             .find(|b| b.meta.block_size == block_size)
         else {
-            return Ok::<_, RepoError>(None);
+            return Ok::<_, RepoError>(Previous::default());
         };
         let m = repo.read_manifest(&last.name).await?;
-        let files = m
-            .entries
-            .into_iter()
-            .filter(|e| !e.chunks.is_empty())
-            .map(|e| (e.path, Arc::new(e.chunks)))
-            .collect();
-        Ok(Some((last.meta.backup_id, files)))
+        let mut files = HashMap::new();
+        for e in m.entries {
+            let Ok(attrs) = from_value::<FileAttrs>(&e.attrs, &e.path) else {
+                continue;
+            };
+            if attrs.kind == "file" && !e.chunks.is_empty() {
+                files.insert(
+                    e.path,
+                    PrevFile {
+                        chunks: Arc::new(e.chunks),
+                        size: e.size,
+                        hash: e.hash,
+                        attrs,
+                    },
+                );
+            }
+        }
+        Ok(Previous {
+            id: Some(last.meta.backup_id),
+            start_time: last.meta.start_time,
+            timeline: last.meta.timeline,
+            files,
+            bad_pages: last.meta.bad_pages,
+        })
     };
     match found.await {
-        Ok(Some((id, files))) => (Some(id), files, None),
-        Ok(None) => (None, HashMap::new(), None),
+        Ok(p) => (p, None),
         Err(e) => (
-            None,
-            HashMap::new(),
+            Previous::default(),
             Some(format!(
-                "the previous backup could not be read ({e}); changed blocks were stored whole (run `pgcairn verify`)"
+                "the previous backup could not be read ({e}); every file was read and changed blocks were stored whole (run `pgcairn verify`)"
             )),
         ),
     }
@@ -174,6 +242,8 @@ fn attrs(it: &Item) -> Result<ciborium::Value> {
         mode: it.mode,
         mtime: it.mtime,
         target,
+        ctime_ns: matches!(it.kind, Kind::File).then_some(it.ctime_ns),
+        ino: matches!(it.kind, Kind::File).then_some(it.ino),
     })?)
 }
 
@@ -293,8 +363,8 @@ pub async fn run(
             .create_temp_slot(&format!("pgcairn_{}", std::process::id()))
             .await?;
     }
-    let (deltas_against, previous, warning) =
-        previous_blocks(repo, &opts.server, info.block_size).await;
+    let (previous, warning) = previous_backup(repo, &opts.server, info.block_size).await;
+    let deltas_against = previous.id.clone();
     let backup_id = free_backup_id(repo, &opts.server, start_time).await?;
     let label = opts
         .label
@@ -313,6 +383,7 @@ pub async fn run(
     let blocks_per_seg = (1u64 << 30) / info.block_size as u64;
     let mut entries: Vec<Entry> = Vec::with_capacity(items.len());
     let mut files: Vec<&Item> = Vec::new();
+    let unchanged = Mutex::new((0u64, 0u64, Vec::<String>::new()));
     for it in &items {
         match it.kind {
             Kind::File if it.rel != "global/pg_control" => files.push(it),
@@ -323,11 +394,30 @@ pub async fn run(
     let stored: Vec<Option<Entry>> = futures::stream::iter(files.into_iter().map(|it| {
         let writer = &writer;
         let previous = &previous;
+        let unchanged = &unchanged;
         let bad = bad.clone();
         let progress = progress.clone();
         let checksums = info.data_checksums;
         let bs = info.block_size as usize;
         async move {
+            if let Some(p) = previous
+                .unchanged(it, info.timeline)
+                .filter(|_| !opts.read_all)
+            {
+                if writer.reuse(p.chunks.clone()).await? {
+                    progress.advance(it.size);
+                    let mut u = unchanged.lock().unwrap_or_else(|p| p.into_inner());
+                    u.0 += 1;
+                    u.1 += it.size;
+                    u.2.push(it.rel.clone());
+                    let s = StoredStream {
+                        chunks: p.chunks.to_vec(),
+                        size: p.size,
+                        hash: p.hash,
+                    };
+                    return Ok(Some(entry(it.rel.clone(), s, attrs(it)?)));
+                }
+            }
             let file = match std::fs::File::open(&it.abs) {
                 Ok(f) => f,
                 // Vanished after listing (a dropped table): skip it.
@@ -351,7 +441,7 @@ pub async fn run(
             // page-aligned fixed offsets (measured in repo-format.md).
             let s = match it.relation_segment {
                 Some(_) => {
-                    let prev = previous.get(&it.rel).cloned();
+                    let prev = previous.files.get(&it.rel).map(|p| p.chunks.clone());
                     writer
                         .store_blocks_after(reader, RELATION_CHUNK_PAGES * bs, prev)
                         .await?
@@ -431,6 +521,8 @@ pub async fn run(
                 mode: m.mode() & 0o7777,
                 mtime: m.mtime(),
                 target: None,
+                ctime_ns: None,
+                ino: None,
             })?;
             entries.push(entry(format!("pg_wal/{n}"), s, a));
             included.push(n);
@@ -450,7 +542,19 @@ pub async fn run(
 
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     let st = writer.stats();
-    let bad_pages = bad.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let (unchanged_files, unchanged_bytes, unchanged_paths) =
+        unchanged.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut bad_pages = bad.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    // A damaged page in a file not read again is still there.
+    let reused: std::collections::HashSet<&str> =
+        unchanged_paths.iter().map(String::as_str).collect();
+    bad_pages.extend(
+        previous
+            .bad_pages
+            .iter()
+            .filter(|b| reused.contains(b.path.as_str()))
+            .cloned(),
+    );
     let meta = BackupMeta {
         server: opts.server.clone(),
         backup_id: backup_id.clone(),
@@ -484,6 +588,8 @@ pub async fn run(
         new_bytes_stored: st.bytes_new_stored,
         new_bytes_raw: st.bytes_new_raw,
         reused_bytes: st.bytes_reused,
+        unchanged_files,
+        unchanged_bytes,
         duration_secs: started.elapsed().as_secs_f64(),
         included_wal: included,
     };
@@ -498,6 +604,8 @@ pub async fn run(
         meta,
         stats,
         deltas_against,
+        unchanged_files,
+        unchanged_bytes,
         warnings: warning.into_iter().collect(),
     })
 }
@@ -569,5 +677,88 @@ async fn wait_for_archive(
         // then back off to once a second.
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NS: i64 = 1_000_000_000;
+
+    fn item(size: u64, mtime: i64, ctime_ns: i64, ino: u64) -> Item {
+        Item {
+            rel: "base/1/1259".into(),
+            abs: PathBuf::from("/nonexistent/base/1/1259"),
+            kind: Kind::File,
+            mode: 0o600,
+            size,
+            mtime,
+            ctime_ns,
+            ino,
+            relation_segment: Some(0),
+        }
+    }
+
+    fn previous(ctime_ns: Option<i64>) -> Previous {
+        let attrs = FileAttrs {
+            kind: "file".into(),
+            mode: 0o600,
+            mtime: 1000,
+            target: None,
+            ctime_ns,
+            ino: Some(7),
+        };
+        let mut files = HashMap::new();
+        files.insert(
+            "base/1/1259".to_string(),
+            PrevFile {
+                chunks: Arc::new(vec![ChunkRef(crate::repo::format::ChunkId([1; 32]), 8192)]),
+                size: 8192,
+                hash: crate::repo::format::ChunkId([2; 32]),
+                attrs,
+            },
+        );
+        Previous {
+            id: Some("20260101T000000Z".into()),
+            start_time: 2000,
+            timeline: 1,
+            files,
+            bad_pages: Vec::new(),
+        }
+    }
+
+    /// Only a file that matches on every count, and had settled before
+    /// the previous backup started, is taken unread.
+    #[test]
+    fn unchanged_needs_every_stamp_and_a_settled_ctime() {
+        let p = previous(Some(1000 * NS));
+        assert!(p.unchanged(&item(8192, 1000, 1000 * NS, 7), 1).is_some());
+        // Another timeline (a restore and recovery came between).
+        assert!(p.unchanged(&item(8192, 1000, 1000 * NS, 7), 2).is_none());
+        // Size, mtime, ctime, inode: each one differing means "read it".
+        assert!(p.unchanged(&item(16384, 1000, 1000 * NS, 7), 1).is_none());
+        assert!(p.unchanged(&item(8192, 1001, 1000 * NS, 7), 1).is_none());
+        assert!(p
+            .unchanged(&item(8192, 1000, 1000 * NS + 1, 7), 1)
+            .is_none());
+        assert!(p.unchanged(&item(8192, 1000, 1000 * NS, 8), 1).is_none());
+        // Changed within 2 s of the previous backup's start: a write just
+        // after it read the file could have left the stamps as they were.
+        let close = previous(Some((2000 - 1) * NS));
+        assert!(close
+            .unchanged(&item(8192, 1000, (2000 - 1) * NS, 7), 1)
+            .is_none());
+        let edge = previous(Some((2000 - SETTLED_SECS) * NS));
+        assert!(edge
+            .unchanged(&item(8192, 1000, (2000 - SETTLED_SECS) * NS, 7), 1)
+            .is_some());
+        // A manifest from before the check recorded no ctime.
+        let old = previous(None);
+        assert!(old.unchanged(&item(8192, 1000, 1000 * NS, 7), 1).is_none());
+        // No previous backup.
+        assert!(Previous::default()
+            .unchanged(&item(8192, 1000, 1000 * NS, 7), 1)
+            .is_none());
     }
 }

@@ -97,6 +97,12 @@ pub struct FileAttrs {
     pub mtime: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// A backed-up file's status change time (ns) and inode, for the next
+    /// backup's unchanged-file check (absent in older manifests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctime_ns: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ino: Option<u64>,
 }
 
 /// What a backup manifest's application payload records.
@@ -127,6 +133,13 @@ pub struct BackupMeta {
     pub new_bytes_stored: u64,
     pub new_bytes_raw: u64,
     pub reused_bytes: u64,
+    /// Files taken from the previous backup without reading them (size and
+    /// timestamps unchanged), and their bytes (absent before 0.1's
+    /// unchanged-file check: 0).
+    #[serde(default)]
+    pub unchanged_files: u64,
+    #[serde(default)]
+    pub unchanged_bytes: u64,
     pub duration_secs: f64,
     /// WAL files carried inside this backup (`--include-wal`), as entries
     /// under `pg_wal/`.

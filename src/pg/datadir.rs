@@ -27,6 +27,11 @@ pub struct Item {
     pub mode: u32,
     pub size: u64,
     pub mtime: i64,
+    /// Status change time in nanoseconds, and inode: with size and mtime,
+    /// what tells a file unchanged since an earlier backup (`ctime` cannot
+    /// be set back by tools that preserve mtime, such as `rsync -a`).
+    pub ctime_ns: i64,
+    pub ino: u64,
     /// A relation file whose pages carry checksums: its segment number.
     pub relation_segment: Option<u32>,
 }
@@ -104,6 +109,11 @@ fn meta_item(rel: String, abs: PathBuf, kind: Kind, m: &std::fs::Metadata) -> It
         mode: m.mode() & 0o7777,
         size: if m.is_file() { m.len() } else { 0 },
         mtime: m.mtime(),
+        ctime_ns: m
+            .ctime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(m.ctime_nsec()),
+        ino: m.ino(),
         relation_segment: None,
     }
 }

@@ -252,6 +252,31 @@ impl Writer {
             .await
     }
 
+    /// Reference a stream stored before without reading it again (the
+    /// caller knows its content is unchanged): true when every chunk is
+    /// stored where this session may rely on it, as a deduplicated chunk
+    /// must be, and then counted as reused. False (a chunk missing, or only
+    /// in packs a collector had condemned when the session started): store
+    /// the stream again.
+    pub async fn reuse(&self, chunks: Arc<Vec<ChunkRef>>) -> Result<bool> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            for c in chunks.iter() {
+                if !lock(&shared.seen).contains(&c.0) {
+                    if !shared.stored_safely(&c.0)? {
+                        return Ok(false);
+                    }
+                    lock(&shared.seen).insert(c.0);
+                }
+            }
+            let mut st = lock(&shared.stats);
+            st.chunks_reused += chunks.len() as u64;
+            st.bytes_reused += chunks.iter().map(|c| c.1 as u64).sum::<u64>();
+            Ok(true)
+        })
+        .await?
+    }
+
     pub async fn store_bytes(&self, data: Vec<u8>) -> Result<StoredStream> {
         self.store(
             std::io::Cursor::new(data),
