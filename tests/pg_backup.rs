@@ -49,6 +49,19 @@ fn backup_under_load_restores_and_starts() {
     let cairn = Cairn::new(d);
     let conninfo = src.conninfo();
     let pgdata = src.pgdata.to_string_lossy().to_string();
+    let backup = || {
+        cairn.ok(&[
+            "backup",
+            "--server",
+            "main",
+            "--pgdata",
+            &pgdata,
+            "--conninfo",
+            &conninfo,
+            "--include-wal",
+            "--fast-checkpoint",
+        ])
+    };
 
     // Back up while pgbench writes.
     let mut load = src
@@ -57,17 +70,7 @@ fn backup_under_load_restores_and_starts() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let out = cairn.ok(&[
-        "backup",
-        "--server",
-        "main",
-        "--pgdata",
-        &pgdata,
-        "--conninfo",
-        &conninfo,
-        "--include-wal",
-        "--fast-checkpoint",
-    ]);
+    let out = backup();
     println!("{out}");
     assert!(load.wait().unwrap().success());
     assert!(out.contains("backup "), "{out}");
@@ -213,17 +216,7 @@ fn backup_under_load_restores_and_starts() {
 
     // A second backup after a small change stores a small fraction.
     src.psql("UPDATE orders SET amount = amount + 1 WHERE id % 1000 = 0");
-    let out = cairn.ok(&[
-        "backup",
-        "--server",
-        "main",
-        "--pgdata",
-        &pgdata,
-        "--conninfo",
-        &conninfo,
-        "--include-wal",
-        "--fast-checkpoint",
-    ]);
+    let out = backup();
     println!("{out}");
     let list = cairn.ok(&["list", "--server", "main", "--format", "json"]);
     let rows: serde_json::Value = serde_json::from_str(&list).unwrap();
@@ -253,17 +246,7 @@ fn backup_under_load_restores_and_starts() {
         .set_modified(mtime)
         .unwrap();
     src.psql("UPDATE orders SET amount = amount + 1 WHERE id % 997 = 0");
-    let out = cairn.ok(&[
-        "backup",
-        "--server",
-        "main",
-        "--pgdata",
-        &pgdata,
-        "--conninfo",
-        &conninfo,
-        "--include-wal",
-        "--fast-checkpoint",
-    ]);
+    let out = backup();
     println!("{out}");
     let third = digest(&src);
     let shown = cairn.ok(&["show", "--server", "main", "latest", "--format", "json"]);

@@ -237,13 +237,15 @@ fn attrs(it: &Item) -> Result<ciborium::Value> {
         Kind::Dir => ("dir", None),
         Kind::TablespaceLink(t) => ("tablespace", Some(t.to_string_lossy().to_string())),
     };
+    // Only files are compared by the next backup's unchanged-file check.
+    let file = kind == "file";
     Ok(to_value(&FileAttrs {
         kind: kind.into(),
         mode: it.mode,
         mtime: it.mtime,
         target,
-        ctime_ns: matches!(it.kind, Kind::File).then_some(it.ctime_ns),
-        ino: matches!(it.kind, Kind::File).then_some(it.ino),
+        ctime_ns: file.then_some(it.ctime_ns),
+        ino: file.then_some(it.ino),
     })?)
 }
 
@@ -383,7 +385,6 @@ pub async fn run(
     let blocks_per_seg = (1u64 << 30) / info.block_size as u64;
     let mut entries: Vec<Entry> = Vec::with_capacity(items.len());
     let mut files: Vec<&Item> = Vec::new();
-    let unchanged = Mutex::new((0u64, 0u64, Vec::<String>::new()));
     for it in &items {
         match it.kind {
             Kind::File if it.rel != "global/pg_control" => files.push(it),
@@ -391,10 +392,10 @@ pub async fn run(
             _ => entries.push(empty_entry(&it.rel, attrs(it)?)),
         }
     }
-    let stored: Vec<Option<Entry>> = futures::stream::iter(files.into_iter().map(|it| {
+    // Each stored file, and whether it was taken unread.
+    let stored: Vec<Option<(Entry, bool)>> = futures::stream::iter(files.into_iter().map(|it| {
         let writer = &writer;
         let previous = &previous;
-        let unchanged = &unchanged;
         let bad = bad.clone();
         let progress = progress.clone();
         let checksums = info.data_checksums;
@@ -406,16 +407,12 @@ pub async fn run(
             {
                 if writer.reuse(p.chunks.clone()).await? {
                     progress.advance(it.size);
-                    let mut u = unchanged.lock().unwrap_or_else(|p| p.into_inner());
-                    u.0 += 1;
-                    u.1 += it.size;
-                    u.2.push(it.rel.clone());
                     let s = StoredStream {
                         chunks: p.chunks.to_vec(),
                         size: p.size,
                         hash: p.hash,
                     };
-                    return Ok(Some(entry(it.rel.clone(), s, attrs(it)?)));
+                    return Ok(Some((entry(it.rel.clone(), s, attrs(it)?), true)));
                 }
             }
             let file = match std::fs::File::open(&it.abs) {
@@ -448,13 +445,22 @@ pub async fn run(
                 }
                 None => writer.store_reader(reader).await?,
             };
-            Ok::<_, EngineError>(Some(entry(it.rel.clone(), s, attrs(it)?)))
+            Ok::<_, EngineError>(Some((entry(it.rel.clone(), s, attrs(it)?), false)))
         }
     }))
     .buffer_unordered(opts.jobs.max(1))
     .try_collect()
     .await?;
-    entries.extend(stored.into_iter().flatten());
+    let mut unchanged_paths = std::collections::HashSet::new();
+    let mut unchanged_bytes = 0u64;
+    for (e, unread) in stored.into_iter().flatten() {
+        if unread {
+            unchanged_bytes += e.size;
+            unchanged_paths.insert(e.path.clone());
+        }
+        entries.push(e);
+    }
+    let unchanged_files = unchanged_paths.len() as u64;
     let ctl_bytes = read_pg_control(&opts.pgdata)?;
     let ctl_now = control::parse(&ctl_bytes)
         .ok_or_else(|| EngineError::Refused("pg_control is invalid".into()))?;
@@ -542,17 +548,13 @@ pub async fn run(
 
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     let st = writer.stats();
-    let (unchanged_files, unchanged_bytes, unchanged_paths) =
-        unchanged.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut bad_pages = bad.lock().unwrap_or_else(|p| p.into_inner()).clone();
     // A damaged page in a file not read again is still there.
-    let reused: std::collections::HashSet<&str> =
-        unchanged_paths.iter().map(String::as_str).collect();
     bad_pages.extend(
         previous
             .bad_pages
             .iter()
-            .filter(|b| reused.contains(b.path.as_str()))
+            .filter(|b| unchanged_paths.contains(&b.path))
             .cloned(),
     );
     let meta = BackupMeta {

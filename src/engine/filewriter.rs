@@ -40,7 +40,7 @@ pub(super) fn create(path: &std::path::Path) -> std::io::Result<(File, bool)> {
         {
             Ok(f) => return Ok((f, true)),
             // tmpfs and some FUSE file systems refuse O_DIRECT.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {}
             Err(e) => return Err(e),
         }
     }
@@ -82,7 +82,7 @@ impl<'a> FileWriter<'a> {
         let mut file = self.file;
         let data = &self.store[self.at..self.at + n];
         match file.write_all(data) {
-            Err(e) if self.direct && e.raw_os_error() == Some(EINVAL) => {
+            Err(e) if self.direct && e.kind() == std::io::ErrorKind::InvalidInput => {
                 clear_direct(self.file)?;
                 self.direct = false;
                 file.write_all(data)?;
@@ -154,11 +154,6 @@ fn clear_direct(file: &File) -> std::io::Result<()> {
     let _ = file;
     Ok(())
 }
-
-#[cfg(target_os = "linux")]
-const EINVAL: i32 = libc::EINVAL;
-#[cfg(not(target_os = "linux"))]
-const EINVAL: i32 = 22;
 
 impl Write for FileWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
