@@ -8,7 +8,8 @@
 #   SCALE=70 bash scripts/measure-rss.sh       # about 1 GiB
 #
 # env: SCALE, PGBIN (default /usr/lib/postgresql/15/bin), BENCH_TARGET_DIR
-#      (release build, default /tmp/pgcairn-bench-target), BENCH_TMP (/tmp)
+#      (release build, default /tmp/pgcairn-bench-target), BENCH_TMP (/tmp),
+#      KEEP=1 keeps the work directory (repo, cache, pass) for profiling
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
@@ -28,7 +29,7 @@ fi
 as() { "${RUN[@]}" "$@"; }
 cleanup() {
   as "$PGBIN/pg_ctl" -D "$W/pg" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$W"
+  if [ "${KEEP:-0}" = 1 ]; then echo "kept $W"; else rm -rf "$W"; fi
 }
 trap cleanup EXIT
 log() { echo "[rss $(date +%T)] $*"; }

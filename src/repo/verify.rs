@@ -113,15 +113,18 @@ impl Repository {
             .into_iter()
             .filter_map(|o| pack_id_from_key(&o.key).map(|id| (id, o.size)))
             .collect();
-        let mut locs: HashMap<ChunkId, Vec<Location>> = HashMap::new();
+        let mut copies = Copies::default();
         let mut indexed: HashMap<PackId, u64> = HashMap::new();
         let mut index_objects = HashSet::new();
         let index = inner.index.clone();
         let bad_pages = index.scan(|object, id, loc, size| {
-            index_objects.insert(object.to_string());
-            locs.entry(*id).or_default().push(*loc);
+            if !index_objects.contains(object) {
+                index_objects.insert(object.to_string());
+            }
+            copies.push(id, loc);
             indexed.insert(loc.pack, size);
         });
+        copies.sort();
         for (object, e) in bad_pages {
             problems.add(object, e.to_string());
         }
@@ -158,7 +161,7 @@ impl Repository {
                 let repo = self.clone();
                 async move { (pack, repo.read_pack(&pack).await) }
             }))
-            .buffer_unordered(inner.opts.io_depth.max(1));
+            .buffer_unordered(inner.opts.io_depth.clamp(1, PACKS_IN_FLIGHT));
             while let Some((pack, r)) = reads.next().await {
                 let object = pack_object(&pack);
                 match r {
@@ -180,12 +183,10 @@ impl Repository {
                         // Every indexed location must be a blob of the table.
                         if let Some(table) = read.table {
                             let mut wrong = 0u64;
-                            for (id, ls) in &locs {
-                                for l in ls.iter().filter(|l| l.pack == pack) {
-                                    if !table.contains(&(*id, l.offset, l.length)) {
-                                        bad_copies.insert((*id, pack));
-                                        wrong += 1;
-                                    }
+                            for c in copies.in_pack(&pack) {
+                                if !table.contains(&(c.id, c.offset, c.length)) {
+                                    bad_copies.insert((c.id, pack));
+                                    wrong += 1;
                                 }
                             }
                             if wrong > 0 {
@@ -211,14 +212,21 @@ impl Repository {
         };
         let healthy = |id: &ChunkId| {
             healthy_copy(
-                &locs,
+                &copies,
                 &bad_packs,
                 &bad_copies,
                 id,
                 super::read::MAX_DELTA_DEPTH,
             )
         };
-        let mut referenced: HashSet<ChunkId> = HashSet::new();
+        // Referenced chunks: a mark per indexed chunk, a set for the rest
+        // (normally empty), instead of a set of every id.
+        let mut marked = vec![false; copies.copies.len()];
+        let mut unindexed: HashSet<ChunkId> = HashSet::new();
+        let mut mark = |id: &ChunkId| match copies.first(id) {
+            Some(i) => !std::mem::replace(&mut marked[i], true),
+            None => unindexed.insert(*id),
+        };
         for name in names {
             report.manifests_checked += 1;
             let object = manifest_object(&name);
@@ -245,7 +253,7 @@ impl Repository {
             }
             let mut missing = 0u64;
             for id in refs {
-                if !referenced.insert(id) && healthy(&id).is_ok() {
+                if !mark(&id) && healthy(&id).is_ok() {
                     continue;
                 }
                 if let Err(packs) = healthy(&id) {
@@ -266,7 +274,7 @@ impl Repository {
                 problems.affects(&object, &name);
             }
         }
-        report.chunks_referenced = referenced.len() as u64;
+        report.chunks_referenced = (marked.iter().filter(|m| **m).count() + unindexed.len()) as u64;
         for p in problems.0.values() {
             report.damaged.extend(p.affects.iter().cloned());
         }
@@ -436,35 +444,175 @@ struct PackRead {
 /// Delta blobs decoded per batch of bases read together.
 const DELTA_BATCH: usize = 128;
 
+/// Whole packs read at once: each holds up to a pack's size in memory
+/// while it is hashed and opened, and two keep both cores busy.
+const PACKS_IN_FLIGHT: usize = 2;
+
+/// Every indexed copy of every chunk, sorted by id. The loaded index keeps
+/// one location per chunk and pages the rest to disk; verify needs every
+/// copy at once, so it keeps them in flat arrays (about 80 bytes a copy; a
+/// map of vectors took over 300 bytes a chunk).
+#[derive(Default)]
+struct Copies {
+    copies: Vec<Copy>,
+    packs: Vec<PackId>,
+    pack_no: HashMap<PackId, u32>,
+    /// Positions in `copies`, ordered by pack.
+    by_pack: Vec<u32>,
+}
+
+struct Copy {
+    id: ChunkId,
+    pack: u32,
+    offset: u32,
+    length: u32,
+    base: Option<ChunkId>,
+}
+
+impl Copies {
+    fn push(&mut self, id: &ChunkId, loc: &Location) {
+        let next = self.packs.len() as u32;
+        let pack = *self.pack_no.entry(loc.pack).or_insert(next);
+        if pack == next {
+            self.packs.push(loc.pack);
+        }
+        self.copies.push(Copy {
+            id: *id,
+            pack,
+            offset: loc.offset,
+            length: loc.length,
+            base: loc.base,
+        });
+    }
+
+    fn sort(&mut self) {
+        self.copies.sort_unstable_by_key(|c| c.id);
+        self.copies.shrink_to_fit();
+        let mut by_pack: Vec<u32> = (0..self.copies.len() as u32).collect();
+        by_pack.sort_unstable_by_key(|&i| self.copies[i as usize].pack);
+        self.by_pack = by_pack;
+    }
+
+    /// Position of the first copy of `id`.
+    fn first(&self, id: &ChunkId) -> Option<usize> {
+        let i = self.copies.partition_point(|c| c.id < *id);
+        (self.copies.get(i)?.id == *id).then_some(i)
+    }
+
+    fn of(&self, id: &ChunkId) -> &[Copy] {
+        match self.first(id) {
+            Some(i) => {
+                let n = self.copies[i..].partition_point(|c| c.id == *id);
+                &self.copies[i..i + n]
+            }
+            None => &[],
+        }
+    }
+
+    fn pack(&self, c: &Copy) -> PackId {
+        self.packs[c.pack as usize]
+    }
+
+    fn in_pack(&self, pack: &PackId) -> impl Iterator<Item = &Copy> {
+        let no = self.pack_no.get(pack).copied();
+        let key = |&i: &u32| self.copies[i as usize].pack;
+        let (start, end) = match no {
+            Some(n) => (
+                self.by_pack.partition_point(|i| key(i) < n),
+                self.by_pack.partition_point(|i| key(i) <= n),
+            ),
+            None => (0, 0),
+        };
+        self.by_pack[start..end]
+            .iter()
+            .map(|&i| &self.copies[i as usize])
+    }
+}
+
 /// Whether `id` has a sound copy: in a pack that is present and whole, not
 /// a copy that failed to open, and (for a delta) whose base has one too.
 /// Otherwise the packs holding its copies (none: it is in no index).
 fn healthy_copy(
-    locs: &HashMap<ChunkId, Vec<Location>>,
+    copies: &Copies,
     bad_packs: &HashSet<PackId>,
     bad_copies: &HashSet<(ChunkId, PackId)>,
     id: &ChunkId,
     depth: usize,
 ) -> std::result::Result<(), Vec<PackId>> {
-    let Some(ls) = locs.get(id) else {
+    let ls = copies.of(id);
+    if ls.is_empty() {
         return Err(Vec::new());
-    };
-    let sound = |l: &Location| {
-        !bad_packs.contains(&l.pack)
-            && !bad_copies.contains(&(*id, l.pack))
-            && l.base.is_none_or(|b| {
-                depth > 0 && healthy_copy(locs, bad_packs, bad_copies, &b, depth - 1).is_ok()
+    }
+    let sound = |c: &Copy| {
+        let pack = copies.pack(c);
+        !bad_packs.contains(&pack)
+            && !bad_copies.contains(&(*id, pack))
+            && c.base.is_none_or(|b| {
+                depth > 0 && healthy_copy(copies, bad_packs, bad_copies, &b, depth - 1).is_ok()
             })
     };
     if ls.iter().any(sound) {
         Ok(())
     } else {
-        let mut packs: Vec<PackId> = ls.iter().map(|l| l.pack).collect();
-        for b in ls.iter().filter_map(|l| l.base) {
-            if let Some(bl) = locs.get(&b) {
-                packs.extend(bl.iter().map(|l| l.pack));
-            }
+        let mut packs: Vec<PackId> = ls.iter().map(|c| copies.pack(c)).collect();
+        for b in ls.iter().filter_map(|c| c.base) {
+            packs.extend(copies.of(&b).iter().map(|c| copies.pack(c)));
         }
         Err(packs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::pack::ChunkKind;
+
+    fn loc(pack: u8, offset: u32, base: Option<ChunkId>) -> Location {
+        Location {
+            pack: ChunkId([pack; 32]),
+            kind: ChunkKind::Data,
+            offset,
+            length: 10,
+            raw_length: 20,
+            base,
+        }
+    }
+
+    #[test]
+    fn copies_find_every_copy_by_id_and_by_pack() {
+        let (a, b, c) = (ChunkId([1; 32]), ChunkId([2; 32]), ChunkId([3; 32]));
+        let mut cs = Copies::default();
+        cs.push(&c, &loc(9, 0, Some(a)));
+        cs.push(&a, &loc(7, 0, None));
+        cs.push(&b, &loc(7, 10, None));
+        cs.push(&a, &loc(9, 10, None));
+        cs.sort();
+        let packs = |id| -> Vec<PackId> { cs.of(id).iter().map(|x| cs.pack(x)).collect() };
+        let mut of_a = packs(&a);
+        of_a.sort();
+        assert_eq!(of_a, vec![ChunkId([7; 32]), ChunkId([9; 32])]);
+        assert_eq!(packs(&b), vec![ChunkId([7; 32])]);
+        assert!(cs.of(&ChunkId([4; 32])).is_empty());
+        assert!(cs.first(&ChunkId([0; 32])).is_none());
+        let mut in9: Vec<(ChunkId, u32)> = cs
+            .in_pack(&ChunkId([9; 32]))
+            .map(|x| (x.id, x.offset))
+            .collect();
+        in9.sort();
+        assert_eq!(in9, vec![(a, 10), (c, 0)]);
+        assert_eq!(cs.in_pack(&ChunkId([8; 32])).count(), 0);
+
+        // A delta is sound only while its base has a sound copy.
+        let none = HashSet::new();
+        assert!(healthy_copy(&cs, &none, &HashSet::new(), &c, 2).is_ok());
+        let bad: HashSet<PackId> = [ChunkId([7; 32])].into();
+        let bad_copy: HashSet<(ChunkId, PackId)> = [(a, ChunkId([9; 32]))].into();
+        assert!(healthy_copy(&cs, &bad, &HashSet::new(), &c, 2).is_ok());
+        let err = healthy_copy(&cs, &bad, &bad_copy, &c, 2).unwrap_err();
+        assert!(err.contains(&ChunkId([7; 32])) && err.contains(&ChunkId([9; 32])));
+        assert_eq!(
+            healthy_copy(&cs, &none, &HashSet::new(), &ChunkId([5; 32]), 2),
+            Err(vec![])
+        );
     }
 }
