@@ -571,6 +571,42 @@ async fn interleaved_blocks_restore_with_few_reads() {
     assert!(reads <= 16, "{reads} ranged reads for {blocks} blocks");
 }
 
+/// A backup's changed blocks are stored as deltas against their previous
+/// versions, which the writer must read. The bases of a batch sit next to
+/// each other in the previous backup's packs, so they are read with
+/// grouped requests, not one request per changed block (on object
+/// storage, one GET per 32 KiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_bases_are_read_with_few_requests() {
+    const BLOCK: usize = 32 * 1024;
+    let t = local_repo(test_init()).await;
+    let mut data = db_like_bytes(16 * 1024 * 1024, 33);
+    let (_, first) = commit_blocks(&t.repo, "backups/x/1", &data, BLOCK, None).await;
+    let blocks = data.len() / BLOCK;
+    for b in (0..blocks).step_by(2) {
+        data[b * BLOCK + 200] ^= 0x33;
+    }
+    let (r, _c) = reopen(&t.url).await;
+    let before = r.pack_reads();
+    let (stats, _) = commit_blocks(&r, "backups/x/2", &data, BLOCK, Some(first)).await;
+    let reads = r.pack_reads() - before;
+    println!(
+        "{} changed blocks stored as {} deltas with {reads} ranged reads of their bases",
+        blocks / 2,
+        stats.chunks_delta
+    );
+    assert_eq!(stats.chunks_delta as usize, blocks / 2);
+    assert!(
+        reads * 4 <= blocks as u64 / 2,
+        "{reads} reads for {} bases",
+        blocks / 2
+    );
+    let m = r.read_manifest("backups/x/2").await.unwrap();
+    let mut out = Vec::new();
+    r.restore_entry(&m.entries[0], &mut out).await.unwrap();
+    assert!(out == data, "restored bytes differ");
+}
+
 /// A writer that makes deltas against blocks a collector condemns during
 /// its session rescues those bases at commit, though no manifest
 /// references them: after the condemned pack is swept, the new backup

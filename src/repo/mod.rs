@@ -133,7 +133,17 @@ impl Inner {
         pack::ChunkKeys {
             sealer: &self.sealer,
             repo_id: &self.repo_id,
-            id_key: &self.keys.chunk_id,
+            id_key: Some(&self.keys.chunk_id),
+        }
+    }
+
+    /// Keys that re-hash each chunk, or (`rehash` false, for readers that
+    /// check a whole-stream hash) only authenticate it; see
+    /// [`pack::ChunkKeys::id_key`].
+    pub(crate) fn keys_for(&self, rehash: bool) -> pack::ChunkKeys<'_> {
+        pack::ChunkKeys {
+            id_key: rehash.then_some(&self.keys.chunk_id),
+            ..self.chunk_keys()
         }
     }
 }

@@ -167,6 +167,9 @@ struct Window {
     slots: Vec<Option<usize>>,
     blobs: Vec<(ChunkId, Location)>,
     fetches: Vec<Fetch>,
+    /// Re-hash each chunk against its id. Off only for streams whose
+    /// caller checks a hash over the whole ([`Inner::keys_for`]).
+    rehash: bool,
 }
 
 /// Cut `refs` into windows and plan each window's ranged reads.
@@ -180,13 +183,21 @@ fn plan_windows(inner: &Inner, refs: &[ChunkRef]) -> Result<Vec<Window>> {
             raw += rest[n].1 as u64;
             n += 1;
         }
-        windows.push(plan_window(inner, &rest[..n])?);
+        let mut w = plan_window(inner, &rest[..n], |id| inner.index.lookup(id))?;
+        w.rehash = false;
+        windows.push(w);
         rest = &rest[n..];
     }
     Ok(windows)
 }
 
-fn plan_window(inner: &Inner, refs: &[ChunkRef]) -> Result<Window> {
+/// Plan a window's reads; `locate` finds a chunk (the index, or locations
+/// the caller already has).
+fn plan_window(
+    inner: &Inner,
+    refs: &[ChunkRef],
+    locate: impl Fn(&ChunkId) -> Result<Option<Location>>,
+) -> Result<Window> {
     let mut blobs: Vec<(ChunkId, Location)> = Vec::new();
     let mut seen: HashMap<ChunkId, usize> = HashMap::new();
     let mut slots = Vec::with_capacity(refs.len());
@@ -195,7 +206,7 @@ fn plan_window(inner: &Inner, refs: &[ChunkRef]) -> Result<Window> {
             slots.push(Some(i));
             continue;
         }
-        match inner.index.lookup(&r.0)? {
+        match locate(&r.0)? {
             Some(loc) => {
                 seen.insert(r.0, blobs.len());
                 slots.push(Some(blobs.len()));
@@ -245,6 +256,7 @@ fn plan_window(inner: &Inner, refs: &[ChunkRef]) -> Result<Window> {
         slots,
         blobs,
         fetches,
+        rehash: true,
     })
 }
 
@@ -255,6 +267,7 @@ async fn run_fetch(
     inner: &Arc<Inner>,
     blobs: Arc<Vec<(ChunkId, Location)>>,
     f: Fetch,
+    rehash: bool,
 ) -> Result<Vec<(usize, Option<Opened>)>> {
     let pack = blobs[f.members[0]].1.pack;
     let object = pack_object(&pack);
@@ -264,7 +277,7 @@ async fn run_fetch(
     };
     let inner = inner.clone();
     let opened = tokio::task::spawn_blocking(move || {
-        let keys = inner.chunk_keys();
+        let keys = inner.keys_for(rehash);
         f.members
             .iter()
             .map(|&i| {
@@ -287,7 +300,7 @@ async fn read_window(inner: &Arc<Inner>, w: Window) -> Result<Vec<Vec<u8>>> {
     let blobs = Arc::new(w.blobs);
     let mut data: Vec<Option<Vec<u8>>> = vec![None; blobs.len()];
     let mut fetched = futures::stream::iter(w.fetches)
-        .map(|f| run_fetch(inner, blobs.clone(), f))
+        .map(|f| run_fetch(inner, blobs.clone(), f, w.rehash))
         .buffer_unordered(depth);
     let mut deltas: Vec<(usize, ChunkId, Vec<u8>)> = Vec::new();
     while let Some(got) = fetched.try_next().await? {
@@ -301,7 +314,7 @@ async fn read_window(inner: &Arc<Inner>, w: Window) -> Result<Vec<Vec<u8>>> {
     }
     drop(fetched);
     if !deltas.is_empty() {
-        data = apply_deltas(inner, &blobs, data, deltas).await?;
+        data = apply_deltas(inner, &blobs, data, deltas, w.rehash).await?;
     }
     // A chunk repeated in the window (zero blocks) is copied; its last
     // use takes the buffer.
@@ -346,6 +359,7 @@ async fn apply_deltas(
     blobs: &Arc<Vec<(ChunkId, Location)>>,
     mut data: Vec<Option<Vec<u8>>>,
     deltas: Vec<(usize, ChunkId, Vec<u8>)>,
+    rehash: bool,
 ) -> Result<Vec<Option<Vec<u8>>>> {
     let pos: HashMap<ChunkId, usize> = blobs.iter().enumerate().map(|(i, b)| (b.0, i)).collect();
     let mut extra: HashMap<ChunkId, Vec<u8>> = HashMap::new();
@@ -358,7 +372,7 @@ async fn apply_deltas(
     let inner2 = inner.clone();
     let blobs2 = blobs.clone();
     let (mut data, failed) = tokio::task::spawn_blocking(move || {
-        let keys = inner2.chunk_keys();
+        let keys = inner2.keys_for(rehash);
         let mut failed = Vec::new();
         for (i, base, frame) in deltas {
             let (id, loc) = &blobs2[i];
@@ -397,10 +411,29 @@ pub(crate) async fn read_chunks(inner: &Arc<Inner>, ids: &[ChunkId]) -> Result<V
                 })?;
                 refs.push(ChunkRef(id, loc.raw_length));
             }
-            plan_window(&inner, &refs)
+            plan_window(&inner, &refs, |id| inner.index.lookup(id))
         })
         .await??
     };
+    read_window(inner, w).await
+}
+
+/// Read chunks whose locations the caller has (the bases of a backup
+/// batch's changed blocks: neighbours in a few packs) with grouped
+/// requests, instead of a request each.
+pub(crate) async fn fetch_chunks(
+    inner: &Arc<Inner>,
+    chunks: &[(ChunkId, Location)],
+) -> Result<Vec<Vec<u8>>> {
+    let known: HashMap<ChunkId, Location> = chunks.iter().copied().collect();
+    let refs: Vec<ChunkRef> = chunks
+        .iter()
+        .map(|(id, l)| ChunkRef(*id, l.raw_length))
+        .collect();
+    let w = plan_window(inner, &refs, |id| match known.get(id) {
+        Some(l) => Ok(Some(*l)),
+        None => inner.index.lookup(id),
+    })?;
     read_window(inner, w).await
 }
 

@@ -35,7 +35,7 @@ use super::manifest::{manifest_object, validate_name, ChunkRef, Entry, Manifest,
 use super::pack::{
     pack_object, seal_chunk, seal_delta, ChunkKind, PackBuilder, PackEntry, SealedChunk,
 };
-use super::read::fetch_chunk;
+use super::read::{fetch_chunk, fetch_chunks};
 use super::Inner;
 
 /// How a stream is cut into chunks.
@@ -399,11 +399,20 @@ impl Writer {
                     if !deltas.is_empty() {
                         // A base that cannot be read costs only the saving:
                         // that block is stored whole.
-                        let bases: Vec<Result<Vec<u8>>> = futures::stream::iter(&deltas)
-                            .map(|(_, _, _, base, loc)| fetch_chunk(&shared.inner, base, loc))
-                            .buffered(shared.inner.opts.io_depth.max(1))
-                            .collect()
-                            .await;
+                        let wanted: Vec<(ChunkId, Location)> =
+                            deltas.iter().map(|d| (d.3, d.4)).collect();
+                        let bases: Vec<Result<Vec<u8>>> =
+                            match fetch_chunks(&shared.inner, &wanted).await {
+                                Ok(all) => all.into_iter().map(Ok).collect(),
+                                // Find out which base fails: one at a time.
+                                Err(_) => {
+                                    futures::stream::iter(&deltas)
+                                        .map(|d| fetch_chunk(&shared.inner, &d.3, &d.4))
+                                        .buffered(shared.inner.opts.io_depth.max(1))
+                                        .collect()
+                                        .await
+                                }
+                            };
                         let _permit = cpu
                             .acquire_owned()
                             .await
@@ -806,16 +815,7 @@ fn seal_new(
     let inner = &shared.inner;
     let len = data.len() as u32;
     let mut delta = match &base {
-        Some((b, bd)) => seal_delta(
-            &inner.sealer,
-            &inner.repo_id,
-            id,
-            &data,
-            *b,
-            bd,
-            shared.level,
-            data.len(),
-        )?,
+        Some((b, bd)) => seal_delta(&inner.sealer, &inner.repo_id, id, &data, *b, bd, data.len())?,
         None => None,
     };
     // A delta under an eighth of the block is kept without a comparison;
