@@ -47,21 +47,7 @@ fn backup_under_load_restores_and_starts() {
     chown(&probe);
     let before = digest(&src);
     let cairn = Cairn::new(d);
-    let conninfo = src.conninfo();
-    let pgdata = src.pgdata.to_string_lossy().to_string();
-    let backup = || {
-        cairn.ok(&[
-            "backup",
-            "--server",
-            "main",
-            "--pgdata",
-            &pgdata,
-            "--conninfo",
-            &conninfo,
-            "--include-wal",
-            "--fast-checkpoint",
-        ])
-    };
+    let backup = || cairn.backup(&src, "main", &["--include-wal", "--fast-checkpoint"]);
 
     // Back up while pgbench writes.
     let mut load = src
@@ -451,17 +437,7 @@ fn checksums_of_a_second_segment_agree_with_pg_checksums() {
 
     c.start();
     let cairn = Cairn::new(d);
-    cairn.ok(&[
-        "backup",
-        "--server",
-        "ck",
-        "--pgdata",
-        c.pgdata.to_str().unwrap(),
-        "--conninfo",
-        &c.conninfo(),
-        "--include-wal",
-        "--fast-checkpoint",
-    ]);
+    cairn.backup(&c, "ck", &["--include-wal", "--fast-checkpoint"]);
     let shown = cairn.ok(&["show", "--server", "ck", "latest", "--format", "json"]);
     let meta: serde_json::Value = serde_json::from_str(&shown).unwrap();
     let bad = meta["bad_pages"].as_array().unwrap();
@@ -479,18 +455,7 @@ fn non_default_wal_segment_size_and_standby_refusal() {
     c.start();
     run_ok(&mut c.pgbench(&["-i", "-s", "1", "-q"]));
     let cairn = Cairn::new(d);
-    let pgdata = c.pgdata.to_string_lossy().to_string();
-    cairn.ok(&[
-        "backup",
-        "--server",
-        "s",
-        "--pgdata",
-        &pgdata,
-        "--conninfo",
-        &c.conninfo(),
-        "--include-wal",
-        "--fast-checkpoint",
-    ]);
+    cairn.backup(&c, "s", &["--include-wal", "--fast-checkpoint"]);
     let meta: serde_json::Value =
         serde_json::from_str(&cairn.ok(&["show", "--server", "s", "latest", "--format", "json"]))
             .unwrap();

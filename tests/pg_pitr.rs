@@ -69,17 +69,7 @@ fn archive_push_and_point_in_time_recovery() {
     src.start();
     run_ok(&mut src.pgbench(&["-i", "-s", "1", "-q"]));
     // The default backup waits for its WAL to arrive through archive-push.
-    let pgdata = src.pgdata.to_string_lossy().to_string();
-    let out = cairn.ok(&[
-        "backup",
-        "--server",
-        "main",
-        "--pgdata",
-        &pgdata,
-        "--conninfo",
-        &src.conninfo(),
-        "--fast-checkpoint",
-    ]);
+    let out = cairn.backup(&src, "main", &["--fast-checkpoint"]);
     println!("{out}");
 
     let checked = cairn.ok(&[
@@ -163,17 +153,7 @@ fn archive_get_exit_codes_and_storage_faults_stop_recovery() {
     let mut src = Cluster::init(d, "src", &[]);
     archiving(&src, &cairn, d);
     src.start();
-    let pgdata = src.pgdata.to_string_lossy().to_string();
-    cairn.ok(&[
-        "backup",
-        "--server",
-        "main",
-        "--pgdata",
-        &pgdata,
-        "--conninfo",
-        &src.conninfo(),
-        "--fast-checkpoint",
-    ]);
+    cairn.backup(&src, "main", &["--fast-checkpoint"]);
 
     // Confirmed absent: 1. Present: 0, with the right bytes.
     let dest = d.join("fetched");
@@ -731,17 +711,7 @@ fn every_recovery_target() {
     archiving(&src, &cairn, d);
     src.start();
     src.psql("CREATE TABLE r (v int)");
-    let pgdata = src.pgdata.to_string_lossy().to_string();
-    cairn.ok(&[
-        "backup",
-        "--server",
-        "main",
-        "--pgdata",
-        &pgdata,
-        "--conninfo",
-        &src.conninfo(),
-        "--fast-checkpoint",
-    ]);
+    cairn.backup(&src, "main", &["--fast-checkpoint"]);
     // One statement, so every psql version prints its result.
     let xid1 = src.psql("INSERT INTO r VALUES (1) RETURNING txid_current()");
     let xid1 = xid1

@@ -158,17 +158,7 @@ fn take_backup(
         assert!(Instant::now() < deadline, "the clock does not advance");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let pgdata = c.pgdata.to_string_lossy().to_string();
-    cairn.ok(&[
-        "backup",
-        "--server",
-        "main",
-        "--pgdata",
-        &pgdata,
-        "--conninfo",
-        &c.conninfo(),
-        "--fast-checkpoint",
-    ]);
+    cairn.backup(c, "main", &["--fast-checkpoint"]);
     last_backup.set(unix_secs());
     let rows = list(cairn, config);
     rows.iter()

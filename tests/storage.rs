@@ -33,17 +33,7 @@ fn bytes_under(dir: &Path) -> u64 {
 }
 
 fn backup(c: &Cairn, src: &Cluster) -> String {
-    c.ok(&[
-        "backup",
-        "--server",
-        "main",
-        "--pgdata",
-        src.pgdata.to_str().expect("path"),
-        "--conninfo",
-        &src.conninfo(),
-        "--include-wal",
-        "--fast-checkpoint",
-    ])
+    c.backup(src, "main", &["--include-wal", "--fast-checkpoint"])
 }
 
 /// Run gc until no mark is pending and none is written, once every pack is

@@ -142,8 +142,8 @@ fn concurrent_backups_archiving_expire_and_gc_killed_at_random() {
     src.start();
     run_ok(&mut src.pgbench(&["-i", "-s", "1", "-q"]));
     src.psql("CREATE TABLE marker (round int PRIMARY KEY)");
-    let pgdata = src.pgdata.to_string_lossy().to_string();
-    let conninfo = src.conninfo();
+    let backup_args = Cairn::backup_args(&src, "main", &["--fast-checkpoint"]);
+    let backup_args: Vec<&str> = backup_args.iter().map(String::as_str).collect();
 
     // Which round's marker each successful backup holds.
     let mut markers: Vec<(String, u64)> = Vec::new();
@@ -164,23 +164,7 @@ fn concurrent_backups_archiving_expire_and_gc_killed_at_random() {
             (rng.below(one_in) == 0).then(|| Duration::from_millis(rng.below(max_ms)))
         };
         let k = kill(&mut rng, 3, 2500);
-        vs.push(Victim::spawn(
-            "backup",
-            cairn.command(
-                &[
-                    "backup",
-                    "--server",
-                    "main",
-                    "--pgdata",
-                    &pgdata,
-                    "--conninfo",
-                    &conninfo,
-                    "--fast-checkpoint",
-                ],
-                &[],
-            ),
-            k,
-        ));
+        vs.push(Victim::spawn("backup", cairn.command(&backup_args, &[]), k));
         let k = kill(&mut rng, 2, 1500);
         vs.push(Victim::spawn("gc", cairn.command(&["gc"], &[]), k));
         if round % 3 == 2 {

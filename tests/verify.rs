@@ -165,18 +165,8 @@ fn verify_names_damage_and_what_still_restores() {
     src.start();
     run_ok(&mut src.pgbench(&["-i", "-s", "1", "-q"]));
     src.psql("CREATE TABLE a_data AS SELECT g, md5(g::text) AS t FROM generate_series(1, 5000) g");
-    let pgdata = src.pgdata.to_string_lossy().to_string();
     let backup = |c: &Cairn| {
-        c.ok(&[
-            "backup",
-            "--server",
-            "main",
-            "--pgdata",
-            &pgdata,
-            "--conninfo",
-            &src.conninfo(),
-            "--fast-checkpoint",
-        ]);
+        c.backup(&src, "main", &["--fast-checkpoint"]);
     };
     backup(&cairn);
     let ids = |c: &Cairn| -> Vec<String> {

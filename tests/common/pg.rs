@@ -322,4 +322,25 @@ impl Cairn {
         assert!(o.status.success(), "pgcairn {args:?} failed: {}", text(&o));
         String::from_utf8_lossy(&o.stdout).to_string()
     }
+
+    /// `backup --server SERVER --pgdata --conninfo` of cluster `c`, then `extra`.
+    pub fn backup_args(c: &Cluster, server: &str, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "backup".into(),
+            "--server".into(),
+            server.into(),
+            "--pgdata".into(),
+            c.pgdata.to_string_lossy().into(),
+            "--conninfo".into(),
+            c.conninfo(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    }
+
+    /// A backup of `c` as `server` that must succeed; its output.
+    pub fn backup(&self, c: &Cluster, server: &str, extra: &[&str]) -> String {
+        let args = Cairn::backup_args(c, server, extra);
+        self.ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
 }
