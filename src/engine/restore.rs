@@ -76,7 +76,10 @@ async fn write_file(
     ));
     let (f, direct) =
         filewriter::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
-    let mut w = filewriter::FileWriter::new(&f, direct);
+    let dup = f
+        .try_clone()
+        .map_err(io(format!("opening {}", tmp.display())))?;
+    let mut w = filewriter::FileWriter::new(dup, direct);
     repo.restore_entry(e, &mut w).await?;
     w.finish()
         .map_err(io(format!("writing {}", tmp.display())))?;
