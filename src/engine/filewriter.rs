@@ -20,9 +20,10 @@ use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::thread::JoinHandle;
 
-/// Alignment `O_DIRECT` asks of buffer address, length and file offset
-/// (the logical block size; 4096 covers every common device).
-const ALIGN: usize = 4096;
+use crate::repo::{PageBuf, WindowSink};
+
+/// Alignment `O_DIRECT` asks of buffer address, length and file offset.
+const ALIGN: usize = crate::repo::pagebuf::PAGE;
 
 /// Bytes per write.
 const BUF: usize = 1 << 20;
@@ -58,26 +59,6 @@ pub(super) fn create(path: &std::path::Path) -> std::io::Result<(File, bool)> {
     File::create(path).map(|f| (f, false))
 }
 
-/// [`BUF`] bytes at an [`ALIGN`]ed address.
-struct Block {
-    store: Vec<u8>,
-    at: usize,
-}
-
-impl Block {
-    fn new() -> Self {
-        let store = vec![0u8; BUF + ALIGN];
-        let at = store.as_ptr().align_offset(ALIGN).min(ALIGN);
-        Block { store, at }
-    }
-    fn bytes(&self) -> &[u8] {
-        &self.store[self.at..self.at + BUF]
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.store[self.at..self.at + BUF]
-    }
-}
-
 /// Where writes go: the file itself, and whether it is still direct.
 struct Sink {
     file: File,
@@ -109,8 +90,10 @@ impl Sink {
 
 /// The writer thread of a file larger than a buffer.
 struct Behind {
-    full: SyncSender<(Block, u64)>,
-    empty: Receiver<Block>,
+    /// A buffer, its file offset, and whether it is one of ours to reuse
+    /// (a window is dropped once written).
+    full: SyncSender<(PageBuf, u64, bool)>,
+    empty: Receiver<PageBuf>,
     thread: JoinHandle<std::io::Result<Sink>>,
     /// Buffers made so far (at most [`BUFFERS`]).
     made: usize,
@@ -118,16 +101,18 @@ struct Behind {
 
 impl Behind {
     fn start(sink: Sink) -> std::io::Result<Self> {
-        let (full, queued) = sync_channel::<(Block, u64)>(1);
-        let (give_back, empty) = sync_channel::<Block>(BUFFERS);
+        let (full, queued) = sync_channel::<(PageBuf, u64, bool)>(1);
+        let (give_back, empty) = sync_channel::<PageBuf>(BUFFERS);
         let thread = std::thread::Builder::new()
             .name("pgcairn-write".into())
             .spawn(move || {
                 let mut sink = sink;
-                for (block, offset) in queued {
-                    sink.write_at(block.bytes(), offset)?;
-                    // The filling side may have finished and gone.
-                    let _ = give_back.send(block);
+                for (buf, offset, reuse) in queued {
+                    sink.write_at(&buf, offset)?;
+                    if reuse {
+                        // The filling side may have finished and gone.
+                        let _ = give_back.try_send(buf);
+                    }
                 }
                 Ok(sink)
             })?;
@@ -154,8 +139,8 @@ pub(super) struct FileWriter {
     /// The file while no writer thread has it.
     sink: Option<Sink>,
     behind: Option<Behind>,
-    block: Block,
-    held: usize,
+    /// Bytes not yet handed over (fewer than [`BUF`]).
+    block: PageBuf,
     /// File offset of `block`'s first byte.
     offset: u64,
 }
@@ -171,42 +156,61 @@ impl FileWriter {
                 flushed_to: 0,
             }),
             behind: None,
-            block: Block::new(),
-            held: 0,
+            block: PageBuf::with_capacity(BUF),
             offset: 0,
         }
     }
 
-    /// Hand the full buffer to the writer thread (starting it the first
-    /// time) and take an empty one. The thread's error, if it stopped.
-    fn hand_over(&mut self) -> std::io::Result<()> {
+    /// Send `buf` to the writer thread (starting it the first time), to
+    /// be written at the current offset (and given back when `reuse`).
+    fn send(&mut self, buf: PageBuf, reuse: bool) -> std::io::Result<()> {
         if let Some(sink) = self.sink.take() {
             self.behind = Some(Behind::start(sink)?);
         }
         let Some(b) = self.behind.as_mut() else {
             return Err(std::io::Error::other("restore writer used after an error"));
         };
-        let next = match b.empty.try_recv() {
-            Ok(block) => Ok(block),
+        let len = buf.len() as u64;
+        if b.full.send((buf, self.offset, reuse)).is_err() {
+            return Err(self.stopped());
+        }
+        self.offset += len;
+        Ok(())
+    }
+
+    /// The error that stopped the writer thread.
+    fn stopped(&mut self) -> std::io::Error {
+        match self.behind.take().map(Behind::join) {
+            Some(Err(e)) => e,
+            _ => std::io::Error::other("restore writer thread stopped"),
+        }
+    }
+
+    /// Hand the full block over and take an empty one: one the thread is
+    /// done with, a new one while fewer than [`BUFFERS`] exist, else the
+    /// next the thread gives back.
+    fn hand_over(&mut self) -> std::io::Result<()> {
+        let full = std::mem::take(&mut self.block);
+        self.send(full, true)?;
+        let Some(b) = self.behind.as_mut() else {
+            return Err(std::io::Error::other("restore writer used after an error"));
+        };
+        let got = match b.empty.try_recv() {
+            Ok(buf) => Ok(buf),
             Err(_) if b.made < BUFFERS => {
                 b.made += 1;
-                Ok(Block::new())
+                Ok(PageBuf::with_capacity(BUF))
             }
             // Wait for the disk; fails only if the thread stopped.
             Err(_) => b.empty.recv(),
         };
-        let sent = next.ok().and_then(|next| {
-            let full = std::mem::replace(&mut self.block, next);
-            b.full.send((full, self.offset)).ok()
-        });
-        if sent.is_none() {
-            return match self.behind.take().map(Behind::join) {
-                Some(Err(e)) => Err(e),
-                _ => Err(std::io::Error::other("restore writer thread stopped")),
-            };
-        }
-        self.offset += BUF as u64;
-        self.held = 0;
+        self.block = match got {
+            Ok(mut buf) => {
+                buf.clear();
+                buf
+            }
+            Err(_) => return Err(self.stopped()),
+        };
         Ok(())
     }
 
@@ -221,19 +225,19 @@ impl FileWriter {
                 return Err(std::io::Error::other("restore writer used after an error"))
             }
         };
-        let whole = self.held / ALIGN * ALIGN;
-        let bytes = self.block.bytes();
+        let held = self.block.len();
+        let whole = held / ALIGN * ALIGN;
         if whole > 0 {
-            sink.write_at(&bytes[..whole], self.offset)?;
+            sink.write_at(&self.block[..whole], self.offset)?;
         }
-        if self.held > whole {
+        if held > whole {
             if sink.direct {
                 clear_direct(&sink.file)?;
                 sink.direct = false;
             }
-            sink.write_at(&bytes[whole..self.held], self.offset + whole as u64)?;
+            sink.write_at(&self.block[whole..], self.offset + whole as u64)?;
         }
-        Ok(self.offset + self.held as u64)
+        Ok(self.offset + held as u64)
     }
 }
 
@@ -287,11 +291,9 @@ fn clear_direct(file: &File) -> std::io::Result<()> {
 
 impl Write for FileWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = buf.len().min(BUF - self.held);
-        let held = self.held;
-        self.block.bytes_mut()[held..held + n].copy_from_slice(&buf[..n]);
-        self.held += n;
-        if self.held == BUF {
+        let n = buf.len().min(BUF - self.block.len());
+        self.block.extend_from_slice(&buf[..n]);
+        if self.block.len() == BUF {
             self.hand_over()?;
         }
         Ok(n)
@@ -301,6 +303,22 @@ impl Write for FileWriter {
     /// must be whole blocks.
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// A window that starts where the last one ended on a block boundary, and
+/// is aligned whole blocks, goes to the disk as it is (a relation file's
+/// windows are whole 8 KiB pages); anything else is copied.
+impl WindowSink for FileWriter {
+    fn put(&mut self, window: PageBuf) -> std::io::Result<()> {
+        if self.block.is_empty()
+            && window.len() >= BUF
+            && window.len() % ALIGN == 0
+            && window.is_aligned()
+        {
+            return self.send(window, false);
+        }
+        self.write_all(&window)
     }
 }
 
@@ -343,6 +361,39 @@ mod tests {
                 assert_eq!(std::fs::read(&path).unwrap(), data, "size {size}");
             }
         }
+    }
+
+    /// Windows delivered whole: aligned ones go to the thread as they
+    /// are, others (and any after a partial block) are copied; the file
+    /// comes back byte for byte either way.
+    #[test]
+    fn windows_reach_the_file_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let sizes = [
+            4 * BUF,
+            BUF + ALIGN,
+            5000,
+            3 * BUF,
+            BUF - ALIGN,
+            2 * BUF,
+            100,
+        ];
+        let data: Vec<u8> = (0..sizes.iter().sum::<usize>())
+            .map(|i| (i * 13 + i / 4096) as u8)
+            .collect();
+        let path = dir.path().join("w");
+        let (file, direct) = create(&path).unwrap();
+        let mut w = FileWriter::new(file.try_clone().unwrap(), direct);
+        let mut at = 0;
+        for n in sizes {
+            let mut window = PageBuf::with_capacity(n);
+            window.extend_from_slice(&data[at..at + n]);
+            w.put(window).unwrap();
+            at += n;
+        }
+        assert_eq!(w.finish().unwrap(), data.len() as u64);
+        drop(file);
+        assert!(std::fs::read(&path).unwrap() == data);
     }
 
     /// A write that fails on the writer thread fails the writer: from a

@@ -19,6 +19,7 @@ pub mod keys;
 pub mod lease;
 pub mod manifest;
 pub mod pack;
+pub mod pagebuf;
 pub mod read;
 pub mod store;
 pub mod uploads;
@@ -41,6 +42,8 @@ use keys::{key_object, KeyFile, KEYS_PREFIX};
 use lease::{open_doc, LEASES_PREFIX};
 use manifest::{manifest_object, ManifestDoc, MANIFESTS_PREFIX};
 pub use manifest::{ChunkRef, Entry, Manifest};
+pub use pagebuf::PageBuf;
+pub use read::WindowSink;
 pub use store::{StoredStream, WriteStats, Writer};
 
 /// Supplies the passphrase only when one is needed (an unencrypted
@@ -511,13 +514,13 @@ impl Repository {
     /// Write one entry's bytes to `out`, verifying size and whole-stream hash.
     /// The index is as loaded by `read_manifest` (or `writer`); a chunk it
     /// lacks triggers one reload.
-    pub async fn restore_entry<W: std::io::Write + Send>(
+    pub async fn restore_entry<W: WindowSink + Send>(
         &self,
         entry: &Entry,
         out: &mut W,
     ) -> Result<()> {
         let mut hasher = blake3::Hasher::new();
-        let mut tee = read::HashingWriter {
+        let mut tee = read::HashingSink {
             inner: out,
             hasher: &mut hasher,
             written: 0,

@@ -22,6 +22,7 @@ use super::error::{RepoError, Result};
 use super::format::{
     aad, check_header, from_cbor, header, to_cbor, ChunkId, Kind, PackId, HEADER_LEN,
 };
+use super::pagebuf::PageBuf;
 
 pub const PACKS_PREFIX: &str = "packs/";
 
@@ -129,24 +130,21 @@ fn compress_with_base(data: &[u8], base: &[u8], level: i32) -> Result<Vec<u8>> {
 
 /// Decompress a frame made by [`compress_with_base`] (or by the
 /// explicit-prefix API) against the same base.
-fn decompress_with_base(
+fn decompress_with_base<C: zstd::zstd_safe::WriteBuf + ?Sized>(
     frame: &[u8],
     base: &[u8],
-    max_len: usize,
-) -> std::result::Result<Vec<u8>, usize> {
-    let mut data = Vec::with_capacity(max_len);
+    out: &mut C,
+) -> std::result::Result<usize, usize> {
     if is_dict_like(base) {
         let mut dctx = zstd::zstd_safe::DCtx::create();
         dctx.ref_prefix(base)?;
-        dctx.decompress(&mut data, frame)?;
-        return Ok(data);
+        return dctx.decompress(out, frame);
     }
     DELTA_DCTX.with(|d| {
         let mut d = d.borrow_mut();
         let dctx = d.get_or_insert_with(zstd::zstd_safe::DCtx::create);
-        dctx.decompress_using_dict(&mut data, frame, base)
-    })?;
-    Ok(data)
+        dctx.decompress_using_dict(out, frame, base)
+    })
 }
 
 fn compress(data: &[u8], level: i32) -> Result<Vec<u8>> {
@@ -164,14 +162,19 @@ fn compress(data: &[u8], level: i32) -> Result<Vec<u8>> {
 }
 
 /// Decompress at most `max_len` bytes.
-fn decompress(payload: &[u8], max_len: usize) -> std::io::Result<Vec<u8>> {
+/// Decompress into `out` (a `Vec` fills its spare capacity; a slice is
+/// written in place). Returns the bytes written.
+fn decompress<C: zstd::zstd_safe::WriteBuf + ?Sized>(
+    payload: &[u8],
+    out: &mut C,
+) -> std::io::Result<usize> {
     DECOMPRESSOR.with(|d| {
         let mut d = d.borrow_mut();
         if d.is_none() {
             *d = Some(zstd::bulk::Decompressor::new()?);
         }
         match d.as_mut() {
-            Some(z) => z.decompress(payload, max_len),
+            Some(z) => z.decompress_to_buffer(payload, out),
             None => Err(std::io::Error::other("zstd context missing")),
         }
     })
@@ -265,6 +268,94 @@ pub enum Opened {
     Delta { base: ChunkId, frame: Vec<u8> },
 }
 
+/// An authenticated blob's plaintext, still encoded: a flag byte, then
+/// the chunk raw (0), a zstd frame (1), or a base id and a delta frame (2).
+pub struct Payload(Vec<u8>);
+
+impl Payload {
+    /// The chunk a delta is against.
+    pub fn base(&self) -> Option<ChunkId> {
+        match self.0.split_first() {
+            Some((2, rest)) => {
+                let mut base = [0u8; 32];
+                base.copy_from_slice(&rest[..32]);
+                Some(ChunkId(base))
+            }
+            _ => None,
+        }
+    }
+
+    /// Decode onto the end of `out`: exactly `len` bytes (the
+    /// reference's length), or an error and `out` as it was. `base` is
+    /// the base's plaintext, for a delta. Re-hashed when `keys` say so.
+    pub fn decode_onto(
+        &self,
+        keys: &ChunkKeys<'_>,
+        id: &ChunkId,
+        base: Option<&[u8]>,
+        out: &mut PageBuf,
+        len: usize,
+        what: &str,
+    ) -> Result<()> {
+        let start = out.len();
+        let (flag, body) = self
+            .0
+            .split_first()
+            .ok_or_else(|| RepoError::corrupt(what, "empty chunk"))?;
+        let n = match (flag, base) {
+            (0, _) if body.len() == len => {
+                out.extend_from_slice(body);
+                len
+            }
+            (0, _) => body.len(),
+            (1, _) => decompress(body, &mut out.tail(len))
+                .map_err(|e| RepoError::corrupt(what, format!("zstd: {e}")))?,
+            (2, Some(base)) => decompress_with_base(&body[32..], base, &mut out.tail(len))
+                .map_err(|e| RepoError::corrupt(what, format!("zstd delta: code {e}")))?,
+            (2, None) => return Err(RepoError::corrupt(what, "delta read without its base")),
+            (f, _) => return Err(RepoError::corrupt(what, format!("unknown chunk flag {f}"))),
+        };
+        let checked = if n == len {
+            check_id(keys, id, &out[start..], what)
+        } else {
+            Err(RepoError::corrupt(
+                what,
+                "length differs from the reference",
+            ))
+        };
+        if checked.is_err() {
+            out.truncate(start);
+        }
+        checked
+    }
+}
+
+/// Authenticate one blob (its chunk id is in the associated data) and
+/// check its flag; decoding comes later ([`Payload::decode_into`]).
+pub fn authenticate(
+    keys: &ChunkKeys<'_>,
+    entry_kind: ChunkKind,
+    id: &ChunkId,
+    blob: &[u8],
+    object: &str,
+) -> Result<Payload> {
+    let what = || format!("{object} (chunk {})", id.to_hex());
+    let plain = keys.sealer.open(
+        blob,
+        &aad(keys.repo_id, entry_kind.aad_kind(), &id.0),
+        &what(),
+    )?;
+    match plain.split_first() {
+        None => Err(RepoError::corrupt(what(), "empty chunk")),
+        Some((0 | 1, _)) => Ok(Payload(plain)),
+        Some((2, rest)) if rest.len() > 32 => Ok(Payload(plain)),
+        Some((f, _)) => Err(RepoError::corrupt(
+            what(),
+            format!("unknown chunk flag {f}"),
+        )),
+    }
+}
+
 /// Open one blob: authenticate it, and for a whole chunk decompress and
 /// re-hash it (the id must match what was asked). `max_len` bounds the
 /// plaintext (pass the indexed raw length when known: it is also the
@@ -278,27 +369,26 @@ pub fn open_blob(
     object: &str,
 ) -> Result<Opened> {
     let what = format!("{object} (chunk {})", id.to_hex());
-    let plain = keys.sealer.open(
-        blob,
-        &aad(keys.repo_id, entry_kind.aad_kind(), &id.0),
-        &what,
-    )?;
-    let (flag, payload) = plain
-        .split_first()
-        .ok_or_else(|| RepoError::corrupt(&what, "empty chunk"))?;
-    let data = match flag {
-        0 => payload.to_vec(),
-        1 => decompress(payload, max_len)
-            .map_err(|e| RepoError::corrupt(&what, format!("zstd: {e}")))?,
-        2 if payload.len() > 32 => {
+    let Payload(mut plain) = authenticate(keys, entry_kind, id, blob, object)?;
+    let data = match plain[0] {
+        0 => {
+            plain.remove(0);
+            plain
+        }
+        1 => {
+            let mut data = Vec::with_capacity(max_len);
+            decompress(&plain[1..], &mut data)
+                .map_err(|e| RepoError::corrupt(&what, format!("zstd: {e}")))?;
+            data
+        }
+        _ => {
             let mut base = [0u8; 32];
-            base.copy_from_slice(&payload[..32]);
+            base.copy_from_slice(&plain[1..33]);
             return Ok(Opened::Delta {
                 base: ChunkId(base),
-                frame: payload[32..].to_vec(),
+                frame: plain[33..].to_vec(),
             });
         }
-        f => return Err(RepoError::corrupt(&what, format!("unknown chunk flag {f}"))),
     };
     check_id(keys, id, &data, &what)?;
     Ok(Opened::Plain(data))
@@ -325,7 +415,8 @@ pub fn apply_delta(
     object: &str,
 ) -> Result<Vec<u8>> {
     let what = format!("{object} (chunk {})", id.to_hex());
-    let data = decompress_with_base(frame, base_data, max_len)
+    let mut data = Vec::with_capacity(max_len);
+    decompress_with_base(frame, base_data, &mut data)
         .map_err(|e| RepoError::corrupt(&what, format!("zstd delta: code {e}")))?;
     check_id(keys, id, &data, &what)?;
     Ok(data)
@@ -556,7 +647,12 @@ mod tests {
             let mut cctx = zstd::zstd_safe::CCtx::create();
             cctx.ref_prefix(&base[..]).unwrap();
             cctx.compress2(&mut old, &data).unwrap();
-            assert_eq!(decompress_with_base(&old, &base, data.len()).unwrap(), data);
+            let mut out = vec![0u8; data.len()];
+            assert_eq!(
+                decompress_with_base(&old, &base, &mut out[..]),
+                Ok(data.len())
+            );
+            assert_eq!(out, data);
             let new = compress_with_base(&data, &base, 3).unwrap();
             assert!(
                 new.len() < 200,
@@ -570,10 +666,9 @@ mod tests {
             assert_eq!(back, data);
             // A second use of the thread's contexts is as good as the first.
             let again = compress_with_base(&data, &base, 3).unwrap();
-            assert_eq!(
-                decompress_with_base(&again, &base, data.len()).unwrap(),
-                data
-            );
+            let mut out = Vec::with_capacity(data.len());
+            decompress_with_base(&again, &base, &mut out).unwrap();
+            assert_eq!(out, data);
         }
     }
 

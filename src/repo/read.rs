@@ -8,7 +8,6 @@
 //! reporting a chunk missing or damaged.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -19,7 +18,10 @@ use super::error::{RepoError, Result};
 use super::format::ChunkId;
 use super::index::Location;
 use super::manifest::ChunkRef;
-use super::pack::{apply_delta, open_blob, pack_object, Opened};
+use super::pack::{
+    apply_delta, authenticate, open_blob, pack_object, ChunkKeys, ChunkKind, Opened, Payload,
+};
+use super::pagebuf::PageBuf;
 use super::Inner;
 
 /// Longest chain of deltas a read follows. Writers only ever make chains
@@ -260,15 +262,20 @@ fn plan_window(
     })
 }
 
+/// How a fetch opens each blob it read: fully ([`open_blob`]), or only
+/// authenticated ([`authenticate`]) for the caller to decode in place.
+type OpenFn<T> = fn(&ChunkKeys<'_>, ChunkKind, &ChunkId, &[u8], usize, &str) -> Result<T>;
+
 /// Perform one ranged read and open its blobs. A blob that cannot be had
 /// this way (the pack collected since the index was loaded, a damaged
 /// copy) comes back as `None`, for [`read_chunk`] to retry elsewhere.
-async fn run_fetch(
+async fn run_fetch<T: Send + 'static>(
     inner: &Arc<Inner>,
     blobs: Arc<Vec<(ChunkId, Location)>>,
     f: Fetch,
     rehash: bool,
-) -> Result<Vec<(usize, Option<Opened>)>> {
+    open: OpenFn<T>,
+) -> Result<Vec<(usize, Option<T>)>> {
     let pack = blobs[f.members[0]].1.pack;
     let object = pack_object(&pack);
     inner.pack_reads.fetch_add(1, Ordering::Relaxed);
@@ -283,9 +290,9 @@ async fn run_fetch(
             .map(|&i| {
                 let (id, l) = &blobs[i];
                 let at = (l.offset as u64 - f.start) as usize;
-                let got = data.get(at..at + l.length as usize).and_then(|b| {
-                    open_blob(&keys, l.kind, id, b, max_len(&inner, l), &object).ok()
-                });
+                let got = data
+                    .get(at..at + l.length as usize)
+                    .and_then(|b| open(&keys, l.kind, id, b, max_len(&inner, l), &object).ok());
                 (i, got)
             })
             .collect::<Vec<_>>()
@@ -294,25 +301,40 @@ async fn run_fetch(
     Ok(opened)
 }
 
-/// Read a window's chunks, in `refs` order.
-async fn read_window(inner: &Arc<Inner>, w: Window) -> Result<Vec<Vec<u8>>> {
-    let depth = inner.opts.io_depth.max(1);
-    let blobs = Arc::new(w.blobs);
-    let mut data: Vec<Option<Vec<u8>>> = vec![None; blobs.len()];
-    let mut fetched = futures::stream::iter(w.fetches)
-        .map(|f| run_fetch(inner, blobs.clone(), f, w.rehash))
-        .buffer_unordered(depth);
-    let mut deltas: Vec<(usize, ChunkId, Vec<u8>)> = Vec::new();
-    while let Some(got) = fetched.try_next().await? {
-        for (i, d) in got {
-            match d {
-                Some(Opened::Plain(d)) => data[i] = Some(d),
-                Some(Opened::Delta { base, frame }) => deltas.push((i, base, frame)),
-                None => data[i] = Some(read_chunk(inner, blobs[i].0).await?),
-            }
+/// Run a window's fetches, `io_depth` at once: each distinct blob opened
+/// by `open`, or `None` where the grouped read could not have it.
+async fn fetch_window<T: Send + 'static>(
+    inner: &Arc<Inner>,
+    blobs: &Arc<Vec<(ChunkId, Location)>>,
+    fetches: Vec<Fetch>,
+    rehash: bool,
+    open: OpenFn<T>,
+) -> Result<Vec<Option<T>>> {
+    let mut got: Vec<Option<T>> = (0..blobs.len()).map(|_| None).collect();
+    let mut fetched = futures::stream::iter(fetches)
+        .map(|f| run_fetch(inner, blobs.clone(), f, rehash, open))
+        .buffer_unordered(inner.opts.io_depth.max(1));
+    while let Some(list) = fetched.try_next().await? {
+        for (i, d) in list {
+            got[i] = d;
         }
     }
-    drop(fetched);
+    Ok(got)
+}
+
+/// Read a window's chunks, in `refs` order.
+async fn read_window(inner: &Arc<Inner>, w: Window) -> Result<Vec<Vec<u8>>> {
+    let blobs = Arc::new(w.blobs);
+    let got = fetch_window(inner, &blobs, w.fetches, w.rehash, open_blob).await?;
+    let mut data: Vec<Option<Vec<u8>>> = vec![None; blobs.len()];
+    let mut deltas: Vec<(usize, ChunkId, Vec<u8>)> = Vec::new();
+    for (i, d) in got.into_iter().enumerate() {
+        match d {
+            Some(Opened::Plain(d)) => data[i] = Some(d),
+            Some(Opened::Delta { base, frame }) => deltas.push((i, base, frame)),
+            None => data[i] = Some(read_chunk(inner, blobs[i].0).await?),
+        }
+    }
     if !deltas.is_empty() {
         data = apply_deltas(inner, &blobs, data, deltas, w.rehash).await?;
     }
@@ -346,6 +368,102 @@ async fn read_window(inner: &Arc<Inner>, w: Window) -> Result<Vec<Vec<u8>>> {
             ));
         }
         out.push(d);
+    }
+    Ok(out)
+}
+
+/// Read a window's chunks, in `refs` order, into one page-aligned buffer:
+/// each blob is only authenticated where it was read, and decoded here
+/// straight into its place (a restore's writer then sends the buffer to
+/// the disk as it is). Anything that does not decode is read again
+/// through [`read_chunk`], which tries every copy before reporting it.
+async fn read_window_into(inner: &Arc<Inner>, w: Window) -> Result<PageBuf> {
+    let blobs = Arc::new(w.blobs);
+    let open: OpenFn<Payload> =
+        |keys, kind, id, blob, _, object| authenticate(keys, kind, id, blob, object);
+    let got = fetch_window(inner, &blobs, w.fetches, w.rehash, open).await?;
+    // Bases the window did not read, or could not.
+    let mut extra: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+    let pos: HashMap<ChunkId, usize> = blobs.iter().enumerate().map(|(i, b)| (b.0, i)).collect();
+    for p in got.iter().flatten() {
+        if let Some(b) = p.base() {
+            let have = pos.get(&b).is_some_and(|&j| got[j].is_some());
+            if !have && !extra.contains_key(&b) {
+                extra.insert(b, read_chunk_at(inner, b, 1).await?);
+            }
+        }
+    }
+    let (refs, slots, rehash) = (Arc::new(w.refs), w.slots, w.rehash);
+    let (inner2, blobs2, refs2) = (inner.clone(), blobs.clone(), refs.clone());
+    let (mut out, missed) = tokio::task::spawn_blocking(move || {
+        let keys = inner2.keys_for(rehash);
+        let what = |i: usize| format!("{} (chunk {})", pack_object(&blobs2[i].1.pack), blobs2[i].0);
+        // Bases read in the window, decoded on their own.
+        let mut bases: HashMap<ChunkId, PageBuf> = HashMap::new();
+        for p in got.iter().flatten() {
+            let Some(b) = p.base() else { continue };
+            let Some(&j) = pos.get(&b) else { continue };
+            if let (Some(bp), false) = (&got[j], bases.contains_key(&b)) {
+                let len = blobs2[j].1.raw_length as usize;
+                let mut d = PageBuf::with_capacity(len);
+                if bp
+                    .decode_onto(&keys, &b, None, &mut d, len, &what(j))
+                    .is_ok()
+                {
+                    bases.insert(b, d);
+                }
+            }
+        }
+        let total: usize = refs2.iter().map(|r| r.1 as usize).sum();
+        let mut out = PageBuf::with_capacity(total);
+        // Where each blob's first copy went; refs left for read_chunk.
+        let mut placed: Vec<Option<(usize, usize)>> = vec![None; blobs2.len()];
+        let mut missed = Vec::new();
+        for (k, (r, slot)) in refs2.iter().zip(&slots).enumerate() {
+            let (start, len) = (out.len(), r.1 as usize);
+            let decoded = slot.and_then(|i| match (placed[i], &got[i]) {
+                (Some((at, n)), _) if n == len => {
+                    out.extend_from_within(at..at + len);
+                    Some(())
+                }
+                (None, Some(p)) => {
+                    let base = p.base().and_then(|b| {
+                        bases
+                            .get(&b)
+                            .map(|d| &d[..])
+                            .or_else(|| extra.get(&b).map(Vec::as_slice))
+                    });
+                    p.decode_onto(&keys, &r.0, base, &mut out, len, &what(i))
+                        .ok()?;
+                    placed[i] = Some((start, len));
+                    Some(())
+                }
+                _ => None,
+            });
+            if decoded.is_none() {
+                out.extend_zeroed(len);
+                missed.push(k);
+            }
+        }
+        (out, missed)
+    })
+    .await?;
+    let mut at = 0;
+    let mut next = missed.into_iter().peekable();
+    for (k, r) in refs.iter().enumerate() {
+        let len = r.1 as usize;
+        if next.peek() == Some(&k) {
+            next.next();
+            let d = read_chunk(inner, r.0).await?;
+            if d.len() != len {
+                return Err(RepoError::corrupt(
+                    format!("chunk {}", r.0),
+                    "length differs from the reference",
+                ));
+            }
+            out[at..at + len].copy_from_slice(&d);
+        }
+        at += len;
     }
     Ok(out)
 }
@@ -437,37 +555,49 @@ pub(crate) async fn fetch_chunks(
     read_window(inner, w).await
 }
 
-/// Write the chunks' bytes to `out` in order, reading the next window
-/// while this one is written (a window's own reads run `io_depth` at once).
-pub(crate) async fn read_refs<W: Write + Send>(
+/// Where [`read_refs`] delivers a stream: whole decoded windows, in
+/// order. A sink may keep a window (a restore sends it to the disk as it
+/// is) or copy it.
+pub trait WindowSink {
+    fn put(&mut self, window: PageBuf) -> std::io::Result<()>;
+}
+
+impl WindowSink for Vec<u8> {
+    fn put(&mut self, window: PageBuf) -> std::io::Result<()> {
+        self.extend_from_slice(&window);
+        Ok(())
+    }
+}
+
+/// Deliver the chunks' bytes to `out` in order, reading the next window
+/// while this one is delivered (a window's own reads run `io_depth` at
+/// once).
+pub(crate) async fn read_refs<S: WindowSink + Send>(
     inner: &Arc<Inner>,
     refs: &[ChunkRef],
-    out: &mut W,
+    out: &mut S,
 ) -> Result<()> {
     let windows = {
         let inner = inner.clone();
         let refs = refs.to_vec();
         tokio::task::spawn_blocking(move || plan_windows(&inner, &refs)).await??
     };
-    // Each window is its own task, so reads and decryption go on while
+    // Each window is its own task, so reads and decoding go on while
     // this task waits in a write.
     let mut s = futures::stream::iter(windows)
         .map(|w| {
             let inner = inner.clone();
-            let task = tokio::spawn(async move { read_window(&inner, w).await });
+            let task = tokio::spawn(async move { read_window_into(&inner, w).await });
             async move { task.await? }
         })
         .buffered(READ_AHEAD);
-    // Writing blocks (the file system throttles writers with much dirty
-    // data): off the async workers, so the other streams' reads and
-    // decryption go on meanwhile.
+    // Writing may block (back-pressure from the disk): off the async
+    // workers, so the other streams' reads and decoding go on meanwhile.
     let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
         == tokio::runtime::RuntimeFlavor::MultiThread;
-    while let Some(chunks) = s.try_next().await? {
-        let mut write = || {
-            chunks
-                .iter()
-                .try_for_each(|d| out.write_all(d))
+    while let Some(window) = s.try_next().await? {
+        let write = || {
+            out.put(window)
                 .map_err(|e| RepoError::io("writing restored data", e))
         };
         if multi_thread {
@@ -479,20 +609,17 @@ pub(crate) async fn read_refs<W: Write + Send>(
     Ok(())
 }
 
-pub(crate) struct HashingWriter<'a, W: Write> {
-    pub inner: &'a mut W,
+/// Hashes a stream on its way to the sink.
+pub(crate) struct HashingSink<'a, S: WindowSink> {
+    pub inner: &'a mut S,
     pub hasher: &'a mut blake3::Hasher,
     pub written: u64,
 }
 
-impl<W: Write> Write for HashingWriter<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.written += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+impl<S: WindowSink> WindowSink for HashingSink<'_, S> {
+    fn put(&mut self, window: PageBuf) -> std::io::Result<()> {
+        self.hasher.update(&window);
+        self.written += window.len() as u64;
+        self.inner.put(window)
     }
 }
