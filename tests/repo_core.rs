@@ -212,7 +212,12 @@ async fn restore_all(url: &str) -> Result<Vec<u8>, RepoError> {
     let (opts, _cache) = fresh_opts();
     let pw = || Ok(Zeroizing::new(PASS.to_vec()));
     let r = Repository::open(url, &pw, opts).await?;
-    let m = r.read_manifest("backups/x/1").await?;
+    restore_first(&r, "backups/x/1").await
+}
+
+/// The bytes of the first entry of manifest `name`.
+async fn restore_first(r: &Repository, name: &str) -> Result<Vec<u8>, RepoError> {
+    let m = r.read_manifest(name).await?;
     let mut out = Vec::new();
     r.restore_entry(&m.entries[0], &mut out).await?;
     Ok(out)
@@ -473,10 +478,7 @@ async fn concurrent_writers_deduplicate_and_both_restore() {
     tokio::join!(run("a"), run("b"));
     let (r, _c) = reopen(&t.url).await;
     for n in ["backups/c/a", "backups/c/b"] {
-        let m = r.read_manifest(n).await.unwrap();
-        let mut out = Vec::new();
-        r.restore_entry(&m.entries[0], &mut out).await.unwrap();
-        assert!(out == data);
+        assert!(restore_first(&r, n).await.unwrap() == data);
     }
 }
 
@@ -598,9 +600,7 @@ async fn repeated_blocks_and_deltas_restore_exactly() {
     let (stats, _) = commit_blocks(&r, "backups/x/2", &data, BLOCK, Some(first)).await;
     assert!(stats.chunks_delta > 0, "no deltas: {stats:?}");
     let (r, _c) = reopen(&t.url).await;
-    let m = r.read_manifest("backups/x/2").await.unwrap();
-    let mut out = Vec::new();
-    r.restore_entry(&m.entries[0], &mut out).await.unwrap();
+    let out = restore_first(&r, "backups/x/2").await.unwrap();
     assert!(out == data, "restored bytes differ");
 }
 
@@ -634,9 +634,7 @@ async fn delta_bases_are_read_with_few_requests() {
         "{reads} reads for {} bases",
         blocks / 2
     );
-    let m = r.read_manifest("backups/x/2").await.unwrap();
-    let mut out = Vec::new();
-    r.restore_entry(&m.entries[0], &mut out).await.unwrap();
+    let out = restore_first(&r, "backups/x/2").await.unwrap();
     assert!(out == data, "restored bytes differ");
 }
 

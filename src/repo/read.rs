@@ -372,6 +372,28 @@ async fn read_window(inner: &Arc<Inner>, w: Window) -> Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
+/// Where each of a window's distinct blobs is in its list.
+fn positions(blobs: &[(ChunkId, Location)]) -> HashMap<ChunkId, usize> {
+    blobs.iter().enumerate().map(|(i, b)| (b.0, i)).collect()
+}
+
+/// The bases of a window's deltas that it did not read, or could not
+/// (`have` says which of its blobs it has), each read on its own.
+async fn missing_bases(
+    inner: &Arc<Inner>,
+    pos: &HashMap<ChunkId, usize>,
+    wanted: impl Iterator<Item = ChunkId>,
+    have: impl Fn(usize) -> bool,
+) -> Result<HashMap<ChunkId, Vec<u8>>> {
+    let mut extra = HashMap::new();
+    for b in wanted {
+        if !pos.get(&b).is_some_and(|&j| have(j)) && !extra.contains_key(&b) {
+            extra.insert(b, read_chunk_at(inner, b, 1).await?);
+        }
+    }
+    Ok(extra)
+}
+
 /// Read a window's chunks, in `refs` order, into one page-aligned buffer:
 /// each blob is only authenticated where it was read, and decoded here
 /// straight into its place (a restore's writer then sends the buffer to
@@ -382,17 +404,9 @@ async fn read_window_into(inner: &Arc<Inner>, w: Window) -> Result<PageBuf> {
     let open: OpenFn<Payload> =
         |keys, kind, id, blob, _, object| authenticate(keys, kind, id, blob, object);
     let got = fetch_window(inner, &blobs, w.fetches, w.rehash, open).await?;
-    // Bases the window did not read, or could not.
-    let mut extra: HashMap<ChunkId, Vec<u8>> = HashMap::new();
-    let pos: HashMap<ChunkId, usize> = blobs.iter().enumerate().map(|(i, b)| (b.0, i)).collect();
-    for p in got.iter().flatten() {
-        if let Some(b) = p.base() {
-            let have = pos.get(&b).is_some_and(|&j| got[j].is_some());
-            if !have && !extra.contains_key(&b) {
-                extra.insert(b, read_chunk_at(inner, b, 1).await?);
-            }
-        }
-    }
+    let pos = positions(&blobs);
+    let wanted = got.iter().flatten().filter_map(Payload::base);
+    let extra = missing_bases(inner, &pos, wanted, |j| got[j].is_some()).await?;
     let (refs, slots, rehash) = (Arc::new(w.refs), w.slots, w.rehash);
     let (inner2, blobs2, refs2) = (inner.clone(), blobs.clone(), refs.clone());
     let (mut out, missed) = tokio::task::spawn_blocking(move || {
@@ -479,14 +493,9 @@ async fn apply_deltas(
     deltas: Vec<(usize, ChunkId, Vec<u8>)>,
     rehash: bool,
 ) -> Result<Vec<Option<Vec<u8>>>> {
-    let pos: HashMap<ChunkId, usize> = blobs.iter().enumerate().map(|(i, b)| (b.0, i)).collect();
-    let mut extra: HashMap<ChunkId, Vec<u8>> = HashMap::new();
-    for (_, base, _) in &deltas {
-        let have = pos.get(base).is_some_and(|&j| data[j].is_some());
-        if !have && !extra.contains_key(base) {
-            extra.insert(*base, read_chunk_at(inner, *base, 1).await?);
-        }
-    }
+    let pos = positions(blobs);
+    let wanted = deltas.iter().map(|(_, base, _)| *base);
+    let extra = missing_bases(inner, &pos, wanted, |j| data[j].is_some()).await?;
     let inner2 = inner.clone();
     let blobs2 = blobs.clone();
     let (mut data, failed) = tokio::task::spawn_blocking(move || {
