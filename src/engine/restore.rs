@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::{StreamExt, TryStreamExt};
-
 use super::catalog::{attrs_of, from_value, BackupMeta};
 use super::filewriter;
 use super::{EngineError, Progress, Result};
@@ -212,24 +210,40 @@ pub async fn run(
         .partition(|f| f.0.path == "global/pg_control");
     let total: u64 = others.iter().map(|f| f.0.size).sum();
     progress.phase("restoring files", total);
-    let unchanged = std::sync::atomic::AtomicU64::new(0);
-    let bytes: Vec<u64> = futures::stream::iter(others.iter().map(|(e, path, mode, mtime)| {
-        let progress = progress.clone();
-        let unchanged = &unchanged;
-        async move {
-            if opts.delta && same_content(path, e)? {
-                set_attrs(path, *mode, *mtime)?;
-                unchanged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            } else {
-                write_file(repo, e, path, *mode, *mtime).await?;
-            }
-            progress.advance(e.size);
-            Ok::<u64, EngineError>(e.size)
+    // Each file is a task of its own, so one file's wait for the disk
+    // does not hold up the others' hashing and hand-over (on one task,
+    // `--jobs 2` kept the two cores about 80 % busy).
+    let unchanged = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut queue = others.iter();
+    let mut running = tokio::task::JoinSet::new();
+    let mut bytes: Vec<u64> = Vec::with_capacity(others.len());
+    loop {
+        while running.len() < opts.jobs.max(1) {
+            let Some((e, path, mode, mtime)) = queue.next() else {
+                break;
+            };
+            let (repo, e, path, mode, mtime) =
+                (repo.clone(), (*e).clone(), path.clone(), *mode, *mtime);
+            let (progress, unchanged, delta) = (progress.clone(), unchanged.clone(), opts.delta);
+            running.spawn(async move {
+                if delta && same_content(&path, &e)? {
+                    set_attrs(&path, mode, mtime)?;
+                    unchanged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    write_file(&repo, &e, &path, mode, mtime).await?;
+                }
+                progress.advance(e.size);
+                Ok::<u64, EngineError>(e.size)
+            });
         }
-    }))
-    .buffer_unordered(opts.jobs.max(1))
-    .try_collect()
-    .await?;
+        // Returning early drops (and so aborts) the files still running.
+        match running.join_next().await {
+            Some(done) => bytes.push(
+                done.map_err(|e| EngineError::Refused(format!("restore task failed: {e}")))??,
+            ),
+            None => break,
+        }
+    }
 
     // backup_label and tablespace_map tell PostgreSQL where recovery starts
     // and where the (possibly relocated) tablespaces are.
@@ -263,7 +277,7 @@ pub async fn run(
         meta,
         duration: started.elapsed(),
         replaced_settings,
-        unchanged: unchanged.into_inner(),
+        unchanged: unchanged.load(std::sync::atomic::Ordering::Relaxed),
         removed,
     })
 }

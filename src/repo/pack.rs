@@ -15,6 +15,7 @@
 //! is both inside the sealed blob and in the pack table and index entries,
 //! so the collector can keep bases alive without opening blobs.
 
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use super::crypto::{chunk_id, Sealer};
@@ -270,7 +271,7 @@ pub enum Opened {
 
 /// An authenticated blob's plaintext, still encoded: a flag byte, then
 /// the chunk raw (0), a zstd frame (1), or a base id and a delta frame (2).
-pub struct Payload(Vec<u8>);
+pub struct Payload(Bytes);
 
 impl Payload {
     /// The chunk a delta is against.
@@ -288,6 +289,8 @@ impl Payload {
     /// Decode onto the end of `out`: exactly `len` bytes (the
     /// reference's length), or an error and `out` as it was. `base` is
     /// the base's plaintext, for a delta. Re-hashed when `keys` say so.
+    /// `what` names the blob in an error (made only then: a restore
+    /// decodes hundreds of thousands).
     pub fn decode_onto(
         &self,
         keys: &ChunkKeys<'_>,
@@ -295,13 +298,13 @@ impl Payload {
         base: Option<&[u8]>,
         out: &mut PageBuf,
         len: usize,
-        what: &str,
+        what: &dyn Fn() -> String,
     ) -> Result<()> {
         let start = out.len();
         let (flag, body) = self
             .0
             .split_first()
-            .ok_or_else(|| RepoError::corrupt(what, "empty chunk"))?;
+            .ok_or_else(|| RepoError::corrupt(what(), "empty chunk"))?;
         let n = match (flag, base) {
             (0, _) if body.len() == len => {
                 out.extend_from_slice(body);
@@ -309,19 +312,29 @@ impl Payload {
             }
             (0, _) => body.len(),
             (1, _) => decompress(body, &mut out.tail(len))
-                .map_err(|e| RepoError::corrupt(what, format!("zstd: {e}")))?,
+                .map_err(|e| RepoError::corrupt(what(), format!("zstd: {e}")))?,
             (2, Some(base)) => decompress_with_base(&body[32..], base, &mut out.tail(len))
-                .map_err(|e| RepoError::corrupt(what, format!("zstd delta: code {e}")))?,
-            (2, None) => return Err(RepoError::corrupt(what, "delta read without its base")),
-            (f, _) => return Err(RepoError::corrupt(what, format!("unknown chunk flag {f}"))),
+                .map_err(|e| RepoError::corrupt(what(), format!("zstd delta: code {e}")))?,
+            (2, None) => return Err(RepoError::corrupt(what(), "delta read without its base")),
+            (f, _) => {
+                return Err(RepoError::corrupt(
+                    what(),
+                    format!("unknown chunk flag {f}"),
+                ))
+            }
         };
-        let checked = if n == len {
-            check_id(keys, id, &out[start..], what)
-        } else {
+        let checked = if n != len {
             Err(RepoError::corrupt(
-                what,
+                what(),
                 "length differs from the reference",
             ))
+        } else if !id_matches(keys, id, &out[start..]) {
+            Err(RepoError::corrupt(
+                what(),
+                "content does not hash to its id",
+            ))
+        } else {
+            Ok(())
         };
         if checked.is_err() {
             out.truncate(start);
@@ -330,21 +343,24 @@ impl Payload {
     }
 }
 
-/// Authenticate one blob (its chunk id is in the associated data) and
-/// check its flag; decoding comes later ([`Payload::decode_into`]).
+/// Authenticate one blob where it lies (its chunk id is in the
+/// associated data) and check its flag; decoding comes later
+/// ([`Payload::decode_onto`]).
 pub fn authenticate(
     keys: &ChunkKeys<'_>,
     entry_kind: ChunkKind,
     id: &ChunkId,
-    blob: &[u8],
+    mut blob: BytesMut,
     object: &str,
 ) -> Result<Payload> {
     let what = || format!("{object} (chunk {})", id.to_hex());
-    let plain = keys.sealer.open(
-        blob,
+    let at = keys.sealer.open_in_place(
+        &mut blob,
         &aad(keys.repo_id, entry_kind.aad_kind(), &id.0),
         &what(),
     )?;
+    blob.truncate(at.end);
+    let plain = blob.split_off(at.start).freeze();
     match plain.split_first() {
         None => Err(RepoError::corrupt(what(), "empty chunk")),
         Some((0 | 1, _)) => Ok(Payload(plain)),
@@ -368,13 +384,22 @@ pub fn open_blob(
     max_len: usize,
     object: &str,
 ) -> Result<Opened> {
+    open_owned(keys, entry_kind, id, BytesMut::from(blob), max_len, object)
+}
+
+/// [`open_blob`] on a blob the caller gives up (decrypted where it lies).
+pub fn open_owned(
+    keys: &ChunkKeys<'_>,
+    entry_kind: ChunkKind,
+    id: &ChunkId,
+    blob: BytesMut,
+    max_len: usize,
+    object: &str,
+) -> Result<Opened> {
     let what = format!("{object} (chunk {})", id.to_hex());
-    let Payload(mut plain) = authenticate(keys, entry_kind, id, blob, object)?;
+    let Payload(plain) = authenticate(keys, entry_kind, id, blob, object)?;
     let data = match plain[0] {
-        0 => {
-            plain.remove(0);
-            plain
-        }
+        0 => plain[1..].to_vec(),
         1 => {
             let mut data = Vec::with_capacity(max_len);
             decompress(&plain[1..], &mut data)
@@ -396,13 +421,15 @@ pub fn open_blob(
 
 /// The plaintext must hash to the id it was asked for.
 fn check_id(keys: &ChunkKeys<'_>, id: &ChunkId, data: &[u8], what: &str) -> Result<()> {
-    let Some(key) = keys.id_key else {
-        return Ok(());
-    };
-    if chunk_id(key, data) != id.0 {
+    if !id_matches(keys, id, data) {
         return Err(RepoError::corrupt(what, "content does not hash to its id"));
     }
     Ok(())
+}
+
+/// Whether `data` hashes to `id` (true when `keys` do not re-hash).
+fn id_matches(keys: &ChunkKeys<'_>, id: &ChunkId, data: &[u8]) -> bool {
+    keys.id_key.is_none_or(|key| chunk_id(key, data) == id.0)
 }
 
 /// Decode a delta frame against its base's plaintext and re-hash it.

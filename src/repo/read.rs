@@ -8,9 +8,11 @@
 //! reporting a chunk missing or damaged.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use bytes::{Buf, BytesMut};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 
@@ -19,7 +21,7 @@ use super::format::ChunkId;
 use super::index::Location;
 use super::manifest::ChunkRef;
 use super::pack::{
-    apply_delta, authenticate, open_blob, pack_object, ChunkKeys, ChunkKind, Opened, Payload,
+    apply_delta, authenticate, open_owned, pack_object, ChunkKeys, ChunkKind, Opened, Payload,
 };
 use super::pagebuf::PageBuf;
 use super::Inner;
@@ -57,7 +59,8 @@ fn fetch_at(
         let max = max_len(inner, &loc);
         let object2 = object.clone();
         let opened = tokio::task::spawn_blocking(move || {
-            open_blob(&inner2.chunk_keys(), loc.kind, &id, &blob, max, &object2)
+            let blob = owned(blob);
+            open_owned(&inner2.chunk_keys(), loc.kind, &id, blob, max, &object2)
         })
         .await??;
         let (base, frame) = match opened {
@@ -84,6 +87,13 @@ fn fetch_at(
         })
         .await?
     })
+}
+
+/// A read's bytes as ours to decrypt in place (copied only when the
+/// backend still shares them).
+fn owned(data: bytes::Bytes) -> BytesMut {
+    data.try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
 }
 
 /// The plaintext bound for a chunk at `loc`.
@@ -143,7 +153,7 @@ const WINDOW_RAW: u64 = 4 << 20;
 
 /// Windows in flight per stream: with [`WINDOW_RAW`], what bounds a
 /// stream's memory.
-const READ_AHEAD: usize = 2;
+const READ_AHEAD: usize = 4;
 
 /// Stored bytes between two wanted blobs of one pack that are read and
 /// dropped rather than paying for a second request (an object store
@@ -262,9 +272,10 @@ fn plan_window(
     })
 }
 
-/// How a fetch opens each blob it read: fully ([`open_blob`]), or only
-/// authenticated ([`authenticate`]) for the caller to decode in place.
-type OpenFn<T> = fn(&ChunkKeys<'_>, ChunkKind, &ChunkId, &[u8], usize, &str) -> Result<T>;
+/// How a fetch opens each blob it read (given up to it, to decrypt where
+/// it lies): fully ([`open_owned`]), or only authenticated
+/// ([`authenticate`]) for the caller to decode in place.
+type OpenFn<T> = fn(&ChunkKeys<'_>, ChunkKind, &ChunkId, BytesMut, usize, &str) -> Result<T>;
 
 /// Perform one ranged read and open its blobs. A blob that cannot be had
 /// this way (the pack collected since the index was loaded, a damaged
@@ -285,14 +296,22 @@ async fn run_fetch<T: Send + 'static>(
     let inner = inner.clone();
     let opened = tokio::task::spawn_blocking(move || {
         let keys = inner.keys_for(rehash);
+        let mut rest = owned(data);
+        let mut at = f.start;
         f.members
             .iter()
             .map(|&i| {
                 let (id, l) = &blobs[i];
-                let at = (l.offset as u64 - f.start) as usize;
-                let got = data
-                    .get(at..at + l.length as usize)
-                    .and_then(|b| open(&keys, l.kind, id, b, max_len(&inner, l), &object).ok());
+                let (start, end) = (l.offset as u64, l.offset as u64 + l.length as u64);
+                // Members are in offset order; one overlapping the last
+                // (a damaged index) is left for read_chunk.
+                let blob = (start >= at && end <= f.end).then(|| {
+                    rest.advance((start - at) as usize);
+                    at = end;
+                    rest.split_to(l.length as usize)
+                });
+                let got =
+                    blob.and_then(|b| open(&keys, l.kind, id, b, max_len(&inner, l), &object).ok());
                 (i, got)
             })
             .collect::<Vec<_>>()
@@ -325,7 +344,7 @@ async fn fetch_window<T: Send + 'static>(
 /// Read a window's chunks, in `refs` order.
 async fn read_window(inner: &Arc<Inner>, w: Window) -> Result<Vec<Vec<u8>>> {
     let blobs = Arc::new(w.blobs);
-    let got = fetch_window(inner, &blobs, w.fetches, w.rehash, open_blob).await?;
+    let got = fetch_window(inner, &blobs, w.fetches, w.rehash, open_owned).await?;
     let mut data: Vec<Option<Vec<u8>>> = vec![None; blobs.len()];
     let mut deltas: Vec<(usize, ChunkId, Vec<u8>)> = Vec::new();
     for (i, d) in got.into_iter().enumerate() {
@@ -411,21 +430,34 @@ async fn read_window_into(inner: &Arc<Inner>, w: Window) -> Result<PageBuf> {
     let (inner2, blobs2, refs2) = (inner.clone(), blobs.clone(), refs.clone());
     let (mut out, missed) = tokio::task::spawn_blocking(move || {
         let keys = inner2.keys_for(rehash);
-        let what = |i: usize| format!("{} (chunk {})", pack_object(&blobs2[i].1.pack), blobs2[i].0);
-        // Bases read in the window, decoded on their own.
-        let mut bases: HashMap<ChunkId, PageBuf> = HashMap::new();
+        let what = |i: usize| {
+            let b = &blobs2[i];
+            move || format!("{} (chunk {})", pack_object(&b.1.pack), b.0)
+        };
+        // Bases read in the window, decoded on their own, one after
+        // another into one buffer.
+        let mut bases: HashMap<ChunkId, Range<usize>> = HashMap::new();
+        let mut todo: Vec<(ChunkId, usize)> = Vec::new();
         for p in got.iter().flatten() {
             let Some(b) = p.base() else { continue };
-            let Some(&j) = pos.get(&b) else { continue };
-            if let (Some(bp), false) = (&got[j], bases.contains_key(&b)) {
-                let len = blobs2[j].1.raw_length as usize;
-                let mut d = PageBuf::with_capacity(len);
-                if bp
-                    .decode_onto(&keys, &b, None, &mut d, len, &what(j))
-                    .is_ok()
-                {
-                    bases.insert(b, d);
+            if let Some(&j) = pos.get(&b) {
+                if got[j].is_some() && bases.insert(b, 0..0).is_none() {
+                    todo.push((b, j));
                 }
+            }
+        }
+        let need = todo.iter().map(|&(_, j)| max_len(&inner2, &blobs2[j].1));
+        let mut based = PageBuf::with_capacity(need.sum());
+        for (b, j) in todo {
+            let (at, len) = (based.len(), blobs2[j].1.raw_length as usize);
+            let decoded = got[j].as_ref().is_some_and(|bp| {
+                bp.decode_onto(&keys, &b, None, &mut based, len, &what(j))
+                    .is_ok()
+            });
+            if decoded {
+                bases.insert(b, at..at + len);
+            } else {
+                bases.remove(&b);
             }
         }
         let total: usize = refs2.iter().map(|r| r.1 as usize).sum();
@@ -444,7 +476,7 @@ async fn read_window_into(inner: &Arc<Inner>, w: Window) -> Result<PageBuf> {
                     let base = p.base().and_then(|b| {
                         bases
                             .get(&b)
-                            .map(|d| &d[..])
+                            .map(|r| &based[r.clone()])
                             .or_else(|| extra.get(&b).map(Vec::as_slice))
                     });
                     p.decode_onto(&keys, &r.0, base, &mut out, len, &what(i))
