@@ -346,19 +346,20 @@ impl Payload {
 /// Authenticate one blob where it lies (its chunk id is in the
 /// associated data) and check its flag; decoding comes later
 /// ([`Payload::decode_onto`]).
+/// `what` names the blob in an error (made only then).
 pub fn authenticate(
     keys: &ChunkKeys<'_>,
     entry_kind: ChunkKind,
     id: &ChunkId,
     mut blob: BytesMut,
-    object: &str,
+    what: &dyn Fn() -> String,
 ) -> Result<Payload> {
-    let what = || format!("{object} (chunk {})", id.to_hex());
-    let at = keys.sealer.open_in_place(
-        &mut blob,
-        &aad(keys.repo_id, entry_kind.aad_kind(), &id.0),
-        &what(),
-    )?;
+    let aad = aad(keys.repo_id, entry_kind.aad_kind(), &id.0);
+    let at = match keys.sealer.open_in_place(&mut blob, &aad, "") {
+        Ok(at) => at,
+        Err(RepoError::Corrupt { reason, .. }) => return Err(RepoError::corrupt(what(), reason)),
+        Err(e) => return Err(e),
+    };
     blob.truncate(at.end);
     let plain = blob.split_off(at.start).freeze();
     match plain.split_first() {
@@ -396,14 +397,14 @@ pub fn open_owned(
     max_len: usize,
     object: &str,
 ) -> Result<Opened> {
-    let what = format!("{object} (chunk {})", id.to_hex());
-    let Payload(plain) = authenticate(keys, entry_kind, id, blob, object)?;
+    let what = || format!("{object} (chunk {})", id.to_hex());
+    let Payload(plain) = authenticate(keys, entry_kind, id, blob, &what)?;
     let data = match plain[0] {
         0 => plain[1..].to_vec(),
         1 => {
             let mut data = Vec::with_capacity(max_len);
             decompress(&plain[1..], &mut data)
-                .map_err(|e| RepoError::corrupt(&what, format!("zstd: {e}")))?;
+                .map_err(|e| RepoError::corrupt(what(), format!("zstd: {e}")))?;
             data
         }
         _ => {
@@ -415,7 +416,12 @@ pub fn open_owned(
             });
         }
     };
-    check_id(keys, id, &data, &what)?;
+    if !id_matches(keys, id, &data) {
+        return Err(RepoError::corrupt(
+            what(),
+            "content does not hash to its id",
+        ));
+    }
     Ok(Opened::Plain(data))
 }
 

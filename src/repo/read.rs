@@ -20,9 +20,7 @@ use super::error::{RepoError, Result};
 use super::format::ChunkId;
 use super::index::Location;
 use super::manifest::ChunkRef;
-use super::pack::{
-    apply_delta, authenticate, open_owned, pack_object, ChunkKeys, ChunkKind, Opened, Payload,
-};
+use super::pack::{apply_delta, authenticate, open_owned, pack_object, ChunkKeys, Opened, Payload};
 use super::pagebuf::PageBuf;
 use super::Inner;
 
@@ -272,66 +270,47 @@ fn plan_window(
     })
 }
 
-/// How a fetch opens each blob it read (given up to it, to decrypt where
-/// it lies): fully ([`open_owned`]), or only authenticated
-/// ([`authenticate`]) for the caller to decode in place.
-type OpenFn<T> = fn(&ChunkKeys<'_>, ChunkKind, &ChunkId, BytesMut, usize, &str) -> Result<T>;
-
-/// Perform one ranged read and open its blobs. A blob that cannot be had
-/// this way (the pack collected since the index was loaded, a damaged
-/// copy) comes back as `None`, for [`read_chunk`] to retry elsewhere.
-async fn run_fetch<T: Send + 'static>(
+/// Perform one ranged read and cut it into its blobs, still sealed (each
+/// is opened where it lies by whoever decodes it). A blob that cannot be
+/// had this way (the pack collected since the index was loaded) comes
+/// back as `None`, for [`read_chunk`] to retry elsewhere.
+async fn run_fetch(
     inner: &Arc<Inner>,
-    blobs: Arc<Vec<(ChunkId, Location)>>,
+    blobs: &[(ChunkId, Location)],
     f: Fetch,
-    rehash: bool,
-    open: OpenFn<T>,
-) -> Result<Vec<(usize, Option<T>)>> {
-    let pack = blobs[f.members[0]].1.pack;
-    let object = pack_object(&pack);
+) -> Result<Vec<(usize, Option<BytesMut>)>> {
+    let object = pack_object(&blobs[f.members[0]].1.pack);
     inner.pack_reads.fetch_add(1, Ordering::Relaxed);
     let Ok(data) = inner.backend.get_range(&object, f.start..f.end).await else {
         return Ok(f.members.into_iter().map(|i| (i, None)).collect());
     };
-    let inner = inner.clone();
-    let opened = tokio::task::spawn_blocking(move || {
-        let keys = inner.keys_for(rehash);
-        let mut rest = owned(data);
-        let mut at = f.start;
-        f.members
-            .iter()
-            .map(|&i| {
-                let (id, l) = &blobs[i];
-                let (start, end) = (l.offset as u64, l.offset as u64 + l.length as u64);
-                // Members are in offset order; one overlapping the last
-                // (a damaged index) is left for read_chunk.
-                let blob = (start >= at && end <= f.end).then(|| {
-                    rest.advance((start - at) as usize);
-                    at = end;
-                    rest.split_to(l.length as usize)
-                });
-                let got =
-                    blob.and_then(|b| open(&keys, l.kind, id, b, max_len(&inner, l), &object).ok());
-                (i, got)
-            })
-            .collect::<Vec<_>>()
-    })
-    .await?;
-    Ok(opened)
+    let mut rest = owned(data);
+    let mut at = f.start;
+    let cut = f.members.into_iter().map(|i| {
+        let l = &blobs[i].1;
+        let (start, end) = (l.offset as u64, l.offset as u64 + l.length as u64);
+        // Members are in offset order; one overlapping the last (a
+        // damaged index) is left for read_chunk.
+        let blob = (start >= at && end <= f.end).then(|| {
+            rest.advance((start - at) as usize);
+            at = end;
+            rest.split_to(l.length as usize)
+        });
+        (i, blob)
+    });
+    Ok(cut.collect())
 }
 
-/// Run a window's fetches, `io_depth` at once: each distinct blob opened
-/// by `open`, or `None` where the grouped read could not have it.
-async fn fetch_window<T: Send + 'static>(
+/// Run a window's fetches, `io_depth` at once: each distinct blob's
+/// sealed bytes, or `None` where the grouped read could not have it.
+async fn fetch_window(
     inner: &Arc<Inner>,
     blobs: &Arc<Vec<(ChunkId, Location)>>,
     fetches: Vec<Fetch>,
-    rehash: bool,
-    open: OpenFn<T>,
-) -> Result<Vec<Option<T>>> {
-    let mut got: Vec<Option<T>> = (0..blobs.len()).map(|_| None).collect();
+) -> Result<Vec<Option<BytesMut>>> {
+    let mut got: Vec<Option<BytesMut>> = (0..blobs.len()).map(|_| None).collect();
     let mut fetched = futures::stream::iter(fetches)
-        .map(|f| run_fetch(inner, blobs.clone(), f, rehash, open))
+        .map(|f| run_fetch(inner, blobs, f))
         .buffer_unordered(inner.opts.io_depth.max(1));
     while let Some(list) = fetched.try_next().await? {
         for (i, d) in list {
@@ -341,10 +320,53 @@ async fn fetch_window<T: Send + 'static>(
     Ok(got)
 }
 
+/// A window's sealed blobs, each authenticated when first needed (just
+/// before it is decoded, while its bytes are still in the cache).
+struct Sealed {
+    raw: Vec<Option<BytesMut>>,
+    open: Vec<Option<Payload>>,
+}
+
+impl Sealed {
+    fn new(raw: Vec<Option<BytesMut>>) -> Self {
+        let open = (0..raw.len()).map(|_| None).collect();
+        Sealed { raw, open }
+    }
+
+    /// Blob `i` authenticated, or `None` if it was not read or does not
+    /// authenticate.
+    fn get(
+        &mut self,
+        keys: &ChunkKeys<'_>,
+        blobs: &[(ChunkId, Location)],
+        i: usize,
+    ) -> Option<&Payload> {
+        if let Some(b) = self.raw[i].take() {
+            let (id, l) = &blobs[i];
+            let what = || format!("{} (chunk {id})", pack_object(&l.pack));
+            self.open[i] = authenticate(keys, l.kind, id, b, &what).ok();
+        }
+        self.open[i].as_ref()
+    }
+}
+
 /// Read a window's chunks, in `refs` order.
 async fn read_window(inner: &Arc<Inner>, w: Window) -> Result<Vec<Vec<u8>>> {
     let blobs = Arc::new(w.blobs);
-    let got = fetch_window(inner, &blobs, w.fetches, w.rehash, open_owned).await?;
+    let raw = fetch_window(inner, &blobs, w.fetches).await?;
+    let (inner2, blobs2, rehash) = (inner.clone(), blobs.clone(), w.rehash);
+    let got = tokio::task::spawn_blocking(move || {
+        let keys = inner2.keys_for(rehash);
+        let open = |(b, (id, l)): (Option<BytesMut>, &(ChunkId, Location))| {
+            let max = max_len(&inner2, l);
+            b.and_then(|b| open_owned(&keys, l.kind, id, b, max, &pack_object(&l.pack)).ok())
+        };
+        raw.into_iter()
+            .zip(blobs2.iter())
+            .map(open)
+            .collect::<Vec<_>>()
+    })
+    .await?;
     let mut data: Vec<Option<Vec<u8>>> = vec![None; blobs.len()];
     let mut deltas: Vec<(usize, ChunkId, Vec<u8>)> = Vec::new();
     for (i, d) in got.into_iter().enumerate() {
@@ -414,18 +436,20 @@ async fn missing_bases(
 }
 
 /// Read a window's chunks, in `refs` order, into one page-aligned buffer:
-/// each blob is only authenticated where it was read, and decoded here
-/// straight into its place (a restore's writer then sends the buffer to
-/// the disk as it is). Anything that does not decode is read again
-/// through [`read_chunk`], which tries every copy before reporting it.
+/// each blob is authenticated where it was read and decoded straight into
+/// its place, by one task per window (a restore's writer then sends the
+/// buffer to the disk as it is). Anything that does not decode is read
+/// again through [`read_chunk`], which tries every copy before reporting
+/// it.
 async fn read_window_into(inner: &Arc<Inner>, w: Window) -> Result<PageBuf> {
     let blobs = Arc::new(w.blobs);
-    let open: OpenFn<Payload> =
-        |keys, kind, id, blob, _, object| authenticate(keys, kind, id, blob, object);
-    let got = fetch_window(inner, &blobs, w.fetches, w.rehash, open).await?;
+    let raw = fetch_window(inner, &blobs, w.fetches).await?;
     let pos = positions(&blobs);
-    let wanted = got.iter().flatten().filter_map(Payload::base);
-    let extra = missing_bases(inner, &pos, wanted, |j| got[j].is_some()).await?;
+    // The index names each delta's base (the blob itself says it again).
+    let wanted: Vec<ChunkId> = (blobs.iter().zip(&raw))
+        .filter_map(|((_, l), b)| b.as_ref().and(l.base))
+        .collect();
+    let extra = missing_bases(inner, &pos, wanted.iter().copied(), |j| raw[j].is_some()).await?;
     let (refs, slots, rehash) = (Arc::new(w.refs), w.slots, w.rehash);
     let (inner2, blobs2, refs2) = (inner.clone(), blobs.clone(), refs.clone());
     let (mut out, missed) = tokio::task::spawn_blocking(move || {
@@ -434,23 +458,20 @@ async fn read_window_into(inner: &Arc<Inner>, w: Window) -> Result<PageBuf> {
             let b = &blobs2[i];
             move || format!("{} (chunk {})", pack_object(&b.1.pack), b.0)
         };
-        // Bases read in the window, decoded on their own, one after
-        // another into one buffer.
+        let mut sealed = Sealed::new(raw);
+        // Bases read in the window, decoded first, one after another
+        // into one buffer.
         let mut bases: HashMap<ChunkId, Range<usize>> = HashMap::new();
-        let mut todo: Vec<(ChunkId, usize)> = Vec::new();
-        for p in got.iter().flatten() {
-            let Some(b) = p.base() else { continue };
-            if let Some(&j) = pos.get(&b) {
-                if got[j].is_some() && bases.insert(b, 0..0).is_none() {
-                    todo.push((b, j));
-                }
-            }
-        }
+        let todo: Vec<(ChunkId, usize)> = wanted
+            .into_iter()
+            .filter_map(|b| pos.get(&b).map(|&j| (b, j)))
+            .filter(|&(b, _)| bases.insert(b, 0..0).is_none())
+            .collect();
         let need = todo.iter().map(|&(_, j)| max_len(&inner2, &blobs2[j].1));
         let mut based = PageBuf::with_capacity(need.sum());
         for (b, j) in todo {
             let (at, len) = (based.len(), blobs2[j].1.raw_length as usize);
-            let decoded = got[j].as_ref().is_some_and(|bp| {
+            let decoded = sealed.get(&keys, &blobs2, j).is_some_and(|bp| {
                 bp.decode_onto(&keys, &b, None, &mut based, len, &what(j))
                     .is_ok()
             });
@@ -467,12 +488,14 @@ async fn read_window_into(inner: &Arc<Inner>, w: Window) -> Result<PageBuf> {
         let mut missed = Vec::new();
         for (k, (r, slot)) in refs2.iter().zip(&slots).enumerate() {
             let (start, len) = (out.len(), r.1 as usize);
-            let decoded = slot.and_then(|i| match (placed[i], &got[i]) {
-                (Some((at, n)), _) if n == len => {
+            let decoded = slot.and_then(|i| match placed[i] {
+                Some((at, n)) if n == len => {
                     out.extend_from_within(at..at + len);
                     Some(())
                 }
-                (None, Some(p)) => {
+                Some(_) => None,
+                None => {
+                    let p = sealed.get(&keys, &blobs2, i)?;
                     let base = p.base().and_then(|b| {
                         bases
                             .get(&b)
@@ -484,7 +507,6 @@ async fn read_window_into(inner: &Arc<Inner>, w: Window) -> Result<PageBuf> {
                     placed[i] = Some((start, len));
                     Some(())
                 }
-                _ => None,
             });
             if decoded.is_none() {
                 out.extend_zeroed(len);
