@@ -28,7 +28,8 @@
 #    their WAL archive; restic's holds data only, and "new" shows pgcairn's backup data alone).
 #  - Peak RSS: /usr/bin/time -v (for pgBackRest, the largest of its processes, not their sum).
 #  - Restore: wall clock of the tool's restore + `sync -f` of the target (pgcairn and pgBackRest
-#    fsync themselves, restic does not), repositories warm in the page cache.
+#    fsync themselves, restic does not), each tool's repository read once (untimed) just before
+#    its restore, so every tool restores from the page cache whatever the bench wrote since.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -386,6 +387,11 @@ check_restored() {
 restore_one() { # tool
   local tool=$1 dir=$RESTORES/$1 pgdir t0 t1 bytes
   as mkdir -p "$dir"
+  case $tool in
+    pgcairn) find "$CREPO" -type f -exec cat {} + >/dev/null ;;
+    pgbackrest) find "$W/pgbackrest-repo" -type f -exec cat {} + >/dev/null ;;
+    restic) find "$RESTIC_REPOSITORY" -type f -exec cat {} + >/dev/null ;;
+  esac
   sync
   log "restore: $tool"
   t0=$(now)
