@@ -162,7 +162,6 @@ fn compress(data: &[u8], level: i32) -> Result<Vec<u8>> {
     })
 }
 
-/// Decompress at most `max_len` bytes.
 /// Decompress into `out` (a `Vec` fills its spare capacity; a slice is
 /// written in place). Returns the bytes written.
 fn decompress<C: zstd::zstd_safe::WriteBuf + ?Sized>(
@@ -328,13 +327,8 @@ impl Payload {
                 what(),
                 "length differs from the reference",
             ))
-        } else if !id_matches(keys, id, &out[start..]) {
-            Err(RepoError::corrupt(
-                what(),
-                "content does not hash to its id",
-            ))
         } else {
-            Ok(())
+            check_id(keys, id, &out[start..], what)
         };
         if checked.is_err() {
             out.truncate(start);
@@ -345,8 +339,8 @@ impl Payload {
 
 /// Authenticate one blob where it lies (its chunk id is in the
 /// associated data) and check its flag; decoding comes later
-/// ([`Payload::decode_onto`]).
-/// `what` names the blob in an error (made only then).
+/// ([`Payload::decode_onto`]). `what` names the blob in an error (made
+/// only then).
 pub fn authenticate(
     keys: &ChunkKeys<'_>,
     entry_kind: ChunkKind,
@@ -385,20 +379,21 @@ pub fn open_blob(
     max_len: usize,
     object: &str,
 ) -> Result<Opened> {
-    open_owned(keys, entry_kind, id, BytesMut::from(blob), max_len, object)
+    let what = || format!("{object} (chunk {})", id.to_hex());
+    open_owned(keys, entry_kind, id, BytesMut::from(blob), max_len, &what)
 }
 
-/// [`open_blob`] on a blob the caller gives up (decrypted where it lies).
+/// [`open_blob`] on a blob the caller gives up (decrypted where it lies);
+/// `what` names it in an error (made only then).
 pub fn open_owned(
     keys: &ChunkKeys<'_>,
     entry_kind: ChunkKind,
     id: &ChunkId,
     blob: BytesMut,
     max_len: usize,
-    object: &str,
+    what: &dyn Fn() -> String,
 ) -> Result<Opened> {
-    let what = || format!("{object} (chunk {})", id.to_hex());
-    let Payload(plain) = authenticate(keys, entry_kind, id, blob, &what)?;
+    let Payload(plain) = authenticate(keys, entry_kind, id, blob, what)?;
     let data = match plain[0] {
         0 => plain[1..].to_vec(),
         1 => {
@@ -416,26 +411,25 @@ pub fn open_owned(
             });
         }
     };
-    if !id_matches(keys, id, &data) {
-        return Err(RepoError::corrupt(
-            what(),
-            "content does not hash to its id",
-        ));
-    }
+    check_id(keys, id, &data, what)?;
     Ok(Opened::Plain(data))
 }
 
-/// The plaintext must hash to the id it was asked for.
-fn check_id(keys: &ChunkKeys<'_>, id: &ChunkId, data: &[u8], what: &str) -> Result<()> {
-    if !id_matches(keys, id, data) {
-        return Err(RepoError::corrupt(what, "content does not hash to its id"));
+/// The plaintext must hash to the id it was asked for (unless `keys` do
+/// not re-hash); `what` names the blob in an error.
+fn check_id(
+    keys: &ChunkKeys<'_>,
+    id: &ChunkId,
+    data: &[u8],
+    what: &dyn Fn() -> String,
+) -> Result<()> {
+    match keys.id_key {
+        Some(key) if chunk_id(key, data) != id.0 => Err(RepoError::corrupt(
+            what(),
+            "content does not hash to its id",
+        )),
+        _ => Ok(()),
     }
-    Ok(())
-}
-
-/// Whether `data` hashes to `id` (true when `keys` do not re-hash).
-fn id_matches(keys: &ChunkKeys<'_>, id: &ChunkId, data: &[u8]) -> bool {
-    keys.id_key.is_none_or(|key| chunk_id(key, data) == id.0)
 }
 
 /// Decode a delta frame against its base's plaintext and re-hash it.
@@ -447,10 +441,10 @@ pub fn apply_delta(
     max_len: usize,
     object: &str,
 ) -> Result<Vec<u8>> {
-    let what = format!("{object} (chunk {})", id.to_hex());
+    let what = || format!("{object} (chunk {})", id.to_hex());
     let mut data = Vec::with_capacity(max_len);
     decompress_with_base(frame, base_data, &mut data)
-        .map_err(|e| RepoError::corrupt(&what, format!("zstd delta: code {e}")))?;
+        .map_err(|e| RepoError::corrupt(what(), format!("zstd delta: code {e}")))?;
     check_id(keys, id, &data, &what)?;
     Ok(data)
 }

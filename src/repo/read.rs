@@ -7,7 +7,7 @@
 //! to [`read_chunk`], which reloads the index and tries every copy before
 //! reporting a chunk missing or damaged.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -57,8 +57,8 @@ fn fetch_at(
         let max = max_len(inner, &loc);
         let object2 = object.clone();
         let opened = tokio::task::spawn_blocking(move || {
-            let blob = owned(blob);
-            open_owned(&inner2.chunk_keys(), loc.kind, &id, blob, max, &object2)
+            let what = || format!("{object2} (chunk {id})");
+            open_owned(&inner2.chunk_keys(), loc.kind, &id, owned(blob), max, &what)
         })
         .await??;
         let (base, frame) = match opened {
@@ -92,6 +92,22 @@ fn fetch_at(
 fn owned(data: bytes::Bytes) -> BytesMut {
     data.try_into_mut()
         .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
+}
+
+/// A window blob's name in an error: its pack and chunk (made only then).
+fn blob_name((id, loc): &(ChunkId, Location)) -> impl Fn() -> String + '_ {
+    move || format!("{} (chunk {id})", pack_object(&loc.pack))
+}
+
+/// The bytes read again for a chunk must be as long as its reference.
+fn expect_len(r: &ChunkRef, d: &[u8]) -> Result<()> {
+    if d.len() != r.1 as usize {
+        return Err(RepoError::corrupt(
+            format!("chunk {}", r.0),
+            "length differs from the reference",
+        ));
+    }
+    Ok(())
 }
 
 /// The plaintext bound for a chunk at `loc`.
@@ -343,8 +359,7 @@ impl Sealed {
     ) -> Option<&Payload> {
         if let Some(b) = self.raw[i].take() {
             let (id, l) = &blobs[i];
-            let what = || format!("{} (chunk {id})", pack_object(&l.pack));
-            self.open[i] = authenticate(keys, l.kind, id, b, &what).ok();
+            self.open[i] = authenticate(keys, l.kind, id, b, &blob_name(&blobs[i])).ok();
         }
         self.open[i].as_ref()
     }
@@ -357,9 +372,10 @@ async fn read_window(inner: &Arc<Inner>, w: Window) -> Result<Vec<Vec<u8>>> {
     let (inner2, blobs2, rehash) = (inner.clone(), blobs.clone(), w.rehash);
     let got = tokio::task::spawn_blocking(move || {
         let keys = inner2.keys_for(rehash);
-        let open = |(b, (id, l)): (Option<BytesMut>, &(ChunkId, Location))| {
+        let open = |(b, blob): (Option<BytesMut>, &(ChunkId, Location))| {
+            let (id, l) = blob;
             let max = max_len(&inner2, l);
-            b.and_then(|b| open_owned(&keys, l.kind, id, b, max, &pack_object(&l.pack)).ok())
+            b.and_then(|b| open_owned(&keys, l.kind, id, b, max, &blob_name(blob)).ok())
         };
         raw.into_iter()
             .zip(blobs2.iter())
@@ -402,12 +418,7 @@ async fn read_window(inner: &Arc<Inner>, w: Window) -> Result<Vec<Vec<u8>>> {
             Some(d) => d,
             None => read_chunk(inner, r.0).await?,
         };
-        if d.len() != r.1 as usize {
-            return Err(RepoError::corrupt(
-                format!("chunk {}", r.0),
-                "length differs from the reference",
-            ));
-        }
+        expect_len(r, &d)?;
         out.push(d);
     }
     Ok(out)
@@ -454,18 +465,16 @@ async fn read_window_into(inner: &Arc<Inner>, w: Window) -> Result<PageBuf> {
     let (inner2, blobs2, refs2) = (inner.clone(), blobs.clone(), refs.clone());
     let (mut out, missed) = tokio::task::spawn_blocking(move || {
         let keys = inner2.keys_for(rehash);
-        let what = |i: usize| {
-            let b = &blobs2[i];
-            move || format!("{} (chunk {})", pack_object(&b.1.pack), b.0)
-        };
+        let what = |i: usize| blob_name(&blobs2[i]);
         let mut sealed = Sealed::new(raw);
         // Bases read in the window, decoded first, one after another
         // into one buffer.
         let mut bases: HashMap<ChunkId, Range<usize>> = HashMap::new();
+        let mut seen = HashSet::new();
         let todo: Vec<(ChunkId, usize)> = wanted
             .into_iter()
+            .filter(|&b| seen.insert(b))
             .filter_map(|b| pos.get(&b).map(|&j| (b, j)))
-            .filter(|&(b, _)| bases.insert(b, 0..0).is_none())
             .collect();
         let need = todo.iter().map(|&(_, j)| max_len(&inner2, &blobs2[j].1));
         let mut based = PageBuf::with_capacity(need.sum());
@@ -477,8 +486,6 @@ async fn read_window_into(inner: &Arc<Inner>, w: Window) -> Result<PageBuf> {
             });
             if decoded {
                 bases.insert(b, at..at + len);
-            } else {
-                bases.remove(&b);
             }
         }
         let total: usize = refs2.iter().map(|r| r.1 as usize).sum();
@@ -523,12 +530,7 @@ async fn read_window_into(inner: &Arc<Inner>, w: Window) -> Result<PageBuf> {
         if next.peek() == Some(&k) {
             next.next();
             let d = read_chunk(inner, r.0).await?;
-            if d.len() != len {
-                return Err(RepoError::corrupt(
-                    format!("chunk {}", r.0),
-                    "length differs from the reference",
-                ));
-            }
+            expect_len(r, &d)?;
             out[at..at + len].copy_from_slice(&d);
         }
         at += len;
