@@ -161,6 +161,13 @@ fn backup_under_load_restores_and_starts() {
         .unwrap();
     std::fs::write(target.join("junk"), b"not from the backup").unwrap();
     std::fs::write(target.join("pg_wal/00000001000000000000FFFF"), b"stale").unwrap();
+    // A file replaced by a symlink to a file outside: --delta replaces the
+    // link and leaves what it points at alone.
+    let outside = d.join("outside");
+    std::fs::write(&outside, b"not part of the cluster").unwrap();
+    let linked = target.join("PG_VERSION");
+    std::fs::remove_file(&linked).unwrap();
+    std::os::unix::fs::symlink(&outside, &linked).unwrap();
     let o = cairn.run(
         &[
             "restore",
@@ -192,6 +199,8 @@ fn backup_under_load_restores_and_starts() {
     assert!(out.contains("already matched"), "{out}");
     assert!(!target.join("junk").exists());
     assert!(!target.join("pg_wal/00000001000000000000FFFF").exists());
+    assert!(std::fs::symlink_metadata(&linked).unwrap().is_file());
+    assert_eq!(std::fs::read(&outside).unwrap(), b"not part of the cluster");
     // Rewritten from the backup (PostgreSQL had grown it after the first
     // restore, so its size now is the backup's, not the truncated one).
     assert!(std::fs::metadata(&biggest.0).unwrap().len() > 8192);

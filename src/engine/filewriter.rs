@@ -37,26 +37,28 @@ const BUFFERS: usize = 3;
 /// between computing with an idle disk and waiting with idle cores.
 const WRITE_BEHIND: u64 = 8 << 20;
 
-/// Open `path` for writing (created, truncated), with `O_DIRECT` when the
-/// file system supports it.
-pub(super) fn create(path: &std::path::Path) -> std::io::Result<(File, bool)> {
+/// Open `path` for writing, with `O_DIRECT` when the file system
+/// supports it: a new file (`new`: it must not exist, and a symlink there
+/// is not followed), else created or truncated.
+pub(super) fn create(path: &std::path::Path, new: bool) -> std::io::Result<(File, bool)> {
+    let mut opts = File::options();
+    opts.write(true);
+    if new {
+        opts.create_new(true);
+    } else {
+        opts.create(true).truncate(true);
+    }
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        match File::options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-        {
+        match opts.clone().custom_flags(libc::O_DIRECT).open(path) {
             Ok(f) => return Ok((f, true)),
             // tmpfs and some FUSE file systems refuse O_DIRECT.
             Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {}
             Err(e) => return Err(e),
         }
     }
-    File::create(path).map(|f| (f, false))
+    opts.open(path).map(|f| (f, false))
 }
 
 /// Where writes go: the file itself, and whether it is still direct.
@@ -347,7 +349,7 @@ mod tests {
             for try_direct in [true, false] {
                 let path = dir.path().join(format!("f{size}-{try_direct}"));
                 let (file, direct) = if try_direct {
-                    create(&path).unwrap()
+                    create(&path, true).unwrap()
                 } else {
                     (File::create(&path).unwrap(), false)
                 };
@@ -382,7 +384,7 @@ mod tests {
             .map(|i| (i * 13 + i / 4096) as u8)
             .collect();
         let path = dir.path().join("w");
-        let (file, direct) = create(&path).unwrap();
+        let (file, direct) = create(&path, false).unwrap();
         let mut w = FileWriter::new(file.try_clone().unwrap(), direct);
         let mut at = 0;
         for n in sizes {
@@ -412,5 +414,28 @@ mod tests {
             Ok(()) => w.finish().is_err(),
         };
         assert!(failed, "writing to a read-only file reported success");
+    }
+
+    /// A new file is never one already there, nor a symlink's target;
+    /// otherwise an existing file is truncated.
+    #[test]
+    fn new_files_refuse_what_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old");
+        std::fs::write(&old, b"kept").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&old, &link).unwrap();
+        for p in [&old, &link] {
+            let e = create(p, true).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::AlreadyExists,
+                "{}",
+                p.display()
+            );
+        }
+        assert_eq!(std::fs::read(&old).unwrap(), b"kept");
+        create(&old, false).unwrap();
+        assert_eq!(std::fs::metadata(&old).unwrap().len(), 0);
     }
 }
