@@ -123,12 +123,12 @@ impl Sealer {
     /// Open a sealed blob where it lies (a restore reads many; copying
     /// each out first cost as much as a third of the decryption). Returns
     /// where the plaintext is in `sealed`; after an error the bytes are
-    /// unspecified.
+    /// unspecified. `what` names the blob in an error (made only then).
     pub fn open_in_place(
         &self,
         sealed: &mut [u8],
         aad: &[u8],
-        object: &str,
+        what: &dyn Fn() -> String,
     ) -> Result<std::ops::Range<usize>> {
         match self {
             Sealer::None => Ok(0..sealed.len()),
@@ -138,18 +138,18 @@ impl Sealer {
                     .checked_sub(TAG_LEN)
                     .filter(|&e| e >= NONCE_LEN)
                 else {
-                    return Err(RepoError::corrupt(object, "sealed data too short"));
+                    return Err(RepoError::corrupt(what(), "sealed data too short"));
                 };
                 let (head, tag) = sealed.split_at_mut(end);
                 let (n, ct) = head.split_at_mut(NONCE_LEN);
                 let nonce: [u8; NONCE_LEN] = (&*n)
                     .try_into()
-                    .map_err(|_| RepoError::corrupt(object, "bad nonce"))?;
+                    .map_err(|_| RepoError::corrupt(what(), "bad nonce"))?;
                 let tag: [u8; TAG_LEN] = (&*tag)
                     .try_into()
-                    .map_err(|_| RepoError::corrupt(object, "bad tag"))?;
+                    .map_err(|_| RepoError::corrupt(what(), "bad tag"))?;
                 c.decrypt_inout_detached(&XNonce::from(nonce), aad, ct.into(), &tag.into())
-                    .map_err(|_| auth_failed(object))?;
+                    .map_err(|_| auth_failed(&what()))?;
                 Ok(NONCE_LEN..end)
             }
         }
@@ -269,22 +269,26 @@ mod tests {
         for s in [Sealer::new(true, &mk.derive().seal), Sealer::None] {
             let sealed = s.seal(b"payload", b"aad-1").unwrap();
             let mut buf = sealed.clone();
-            let r = s.open_in_place(&mut buf, b"aad-1", "x").unwrap();
+            let r = s.open_in_place(&mut buf, b"aad-1", &|| "x".into()).unwrap();
             assert_eq!(&buf[r], b"payload");
         }
         let s = Sealer::new(true, &mk.derive().seal);
         let sealed = s.seal(b"payload", b"aad-1").unwrap();
         let err = s
-            .open_in_place(&mut sealed.clone(), b"aad-2", "obj/x")
+            .open_in_place(&mut sealed.clone(), b"aad-2", &|| "obj/x".into())
             .unwrap_err();
         assert!(err.to_string().contains("obj/x"), "{err}");
         for at in [0, NONCE_LEN, sealed.len() - 1] {
             let mut flipped = sealed.clone();
             flipped[at] ^= 1;
-            assert!(s.open_in_place(&mut flipped, b"aad-1", "x").is_err());
+            assert!(s
+                .open_in_place(&mut flipped, b"aad-1", &|| "x".into())
+                .is_err());
         }
         let mut short = sealed[..NONCE_LEN + TAG_LEN - 1].to_vec();
-        assert!(s.open_in_place(&mut short, b"aad-1", "x").is_err());
+        assert!(s
+            .open_in_place(&mut short, b"aad-1", &|| "x".into())
+            .is_err());
     }
 
     #[test]

@@ -349,11 +349,7 @@ pub fn authenticate(
     what: &dyn Fn() -> String,
 ) -> Result<Payload> {
     let aad = aad(keys.repo_id, entry_kind.aad_kind(), &id.0);
-    let at = match keys.sealer.open_in_place(&mut blob, &aad, "") {
-        Ok(at) => at,
-        Err(RepoError::Corrupt { reason, .. }) => return Err(RepoError::corrupt(what(), reason)),
-        Err(e) => return Err(e),
-    };
+    let at = keys.sealer.open_in_place(&mut blob, &aad, what)?;
     blob.truncate(at.end);
     let plain = blob.split_off(at.start).freeze();
     match plain.split_first() {
