@@ -24,6 +24,7 @@ pub mod read;
 pub mod store;
 pub mod uploads;
 pub mod verify;
+pub mod workers;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! upload, index; and the reverse for reading.
 //!
 //! ```text
-//! reader thread ──batches──▶ bounded channel ──▶ CPU workers (semaphore)
+//! reader thread ──batches──▶ bounded channel ──▶ CPU worker threads
 //!   (FastCDC, whole-stream      │                 id, dedup check, zstd, seal
 //!    BLAKE3)                    ▼ in stream order
 //!                          packer ──full packs──▶ uploads (bounded) ──▶ index objects
@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::backend;
@@ -36,6 +35,7 @@ use super::pack::{
     pack_object, seal_chunk, seal_delta, ChunkKind, PackBuilder, PackEntry, SealedChunk,
 };
 use super::read::{fetch_chunk, fetch_chunks};
+use super::workers::Workers;
 use super::Inner;
 
 /// How a stream is cut into chunks.
@@ -145,7 +145,7 @@ struct Packers {
 pub struct Writer {
     shared: Arc<Shared>,
     lease: Option<Lease>,
-    cpu: Arc<Semaphore>,
+    cpu: Arc<Workers>,
     packers: tokio::sync::Mutex<Packers>,
     uploads: tokio::sync::Mutex<JoinSet<Result<Uploaded>>>,
     unindexed: Mutex<Vec<(PackInfo, Vec<PackEntry>)>>,
@@ -196,7 +196,7 @@ impl Writer {
                 level,
             }),
             lease: Some(lease),
-            cpu: Arc::new(Semaphore::new(workers)),
+            cpu: Arc::new(Workers::new(workers)?),
             packers: tokio::sync::Mutex::new(Packers {
                 data: PackBuilder::new(ChunkKind::Data),
                 meta: PackBuilder::new(ChunkKind::Meta),
@@ -365,21 +365,16 @@ impl Writer {
                                 .filter(|h| h.1 as usize == data.len())
                         })
                         .collect();
-                    let permit = cpu
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .map_err(|e| RepoError::Task(e.to_string()))?;
                     let shared2 = shared.clone();
-                    let steps = tokio::task::spawn_blocking(move || {
-                        batch
-                            .into_iter()
-                            .zip(hints)
-                            .map(|(data, hint)| process_chunk(&shared2, kind, data, hint))
-                            .collect::<Result<Vec<Step>>>()
-                    })
-                    .await??;
-                    drop(permit);
+                    let steps = cpu
+                        .run(move || {
+                            batch
+                                .into_iter()
+                                .zip(hints)
+                                .map(|(data, hint)| process_chunk(&shared2, kind, data, hint))
+                                .collect::<Result<Vec<Step>>>()
+                        })
+                        .await??;
                     let mut done = Vec::with_capacity(steps.len());
                     let mut deltas = Vec::new();
                     for (k, step) in steps.into_iter().enumerate() {
@@ -413,21 +408,18 @@ impl Writer {
                                         .await
                                 }
                             };
-                        let _permit = cpu
-                            .acquire_owned()
-                            .await
-                            .map_err(|e| RepoError::Task(e.to_string()))?;
-                        let sealed = tokio::task::spawn_blocking(move || {
-                            deltas
-                                .into_iter()
-                                .zip(bases)
-                                .map(|((k, id, data, base, _), base_data)| {
-                                    let base = base_data.ok().map(|d| (base, d));
-                                    seal_new(&shared, kind, id, data, base).map(|r| (k, r))
-                                })
-                                .collect::<Result<Vec<_>>>()
-                        })
-                        .await??;
+                        let sealed = cpu
+                            .run(move || {
+                                deltas
+                                    .into_iter()
+                                    .zip(bases)
+                                    .map(|((k, id, data, base, _), base_data)| {
+                                        let base = base_data.ok().map(|d| (base, d));
+                                        seal_new(&shared, kind, id, data, base).map(|r| (k, r))
+                                    })
+                                    .collect::<Result<Vec<_>>>()
+                            })
+                            .await??;
                         for (k, r) in sealed {
                             done[k] = Some(r);
                         }
