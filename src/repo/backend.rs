@@ -24,6 +24,8 @@ use object_store::path::Path as StorePath;
 use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
+#[cfg(target_os = "linux")]
+use super::direct::LocalDirect;
 use super::error::{RepoError, Result};
 use super::uploads::{IncompleteUpload, S3Uploads, UploadListing, Uploads};
 
@@ -146,6 +148,14 @@ fn store_path(key: &str) -> BResult<StorePath> {
 }
 
 impl ObjectStoreBackend {
+    /// The directory of a local repository.
+    pub fn local_root(&self) -> Option<std::path::PathBuf> {
+        match &self.uploads {
+            Uploads::Local(root) => Some(root.clone()),
+            _ => None,
+        }
+    }
+
     pub fn new(store: Arc<dyn ObjectStore>, location: String, uploads: Uploads) -> Self {
         ObjectStoreBackend {
             store,
@@ -414,9 +424,12 @@ impl<B: Backend> Backend for Retrying<B> {
 
 /// Open a location with the standard decorator stack.
 pub fn open(url: &str, create: bool) -> Result<DynBackend> {
-    Ok(Arc::new(Retrying::new(ObjectStoreBackend::open(
-        url, create,
-    )?)))
+    let b = ObjectStoreBackend::open(url, create)?;
+    Ok(match b.local_root() {
+        #[cfg(target_os = "linux")]
+        Some(root) => Arc::new(Retrying::new(LocalDirect::new(b, root))),
+        _ => Arc::new(Retrying::new(b)),
+    })
 }
 
 /// Write an object that must never be overwritten. If it already exists

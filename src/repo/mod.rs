@@ -11,6 +11,8 @@ pub mod backend;
 pub mod chunker;
 pub mod config;
 pub mod crypto;
+#[cfg(target_os = "linux")]
+pub mod direct;
 pub mod error;
 pub mod format;
 pub mod gc;

@@ -1,0 +1,264 @@
+//! Local repositories: large new objects (packs) written with `O_DIRECT`.
+//!
+//! Through the page cache every byte of a pack is copied into a freshly
+//! allocated cache page. On the reference machine (a virtual machine,
+//! where each new page is also one the host hands over) that copy and its
+//! page clearing were 13 % of a full backup's CPU samples, for data that
+//! nothing reads back soon. `O_DIRECT` sends the bytes from one small
+//! aligned buffer straight to the disk.
+//!
+//! The object appears exactly as `object_store`'s local store makes it:
+//! written under `KEY#N`, fsynced, hard-linked to `KEY` (which fails if
+//! `KEY` exists), the staging name removed and the directory fsynced. A
+//! killed writer leaves a `KEY#N` file that the collector's staging
+//! clean-up already knows. Everything else, and any file system that
+//! refuses `O_DIRECT` (some FUSE file systems, tmpfs on older kernels),
+//! goes to the inner backend unchanged.
+
+use std::fs::File;
+use std::io::ErrorKind;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::backend::{BResult, Backend, BackendError, ObjectInfo, WriteMode};
+use super::pagebuf::{PageBuf, PAGE};
+use super::uploads::{IncompleteUpload, UploadListing};
+
+/// Objects at least this large are written directly: packs, not the
+/// small index, manifest and lease objects.
+const DIRECT_MIN: usize = 1 << 20;
+
+/// Bytes per direct write, through one reused aligned buffer.
+const PIECE: usize = 1 << 20;
+
+#[derive(Debug)]
+pub struct LocalDirect<B> {
+    inner: B,
+    root: PathBuf,
+}
+
+impl<B: Backend> LocalDirect<B> {
+    /// `root`: the directory `inner` stores its keys under.
+    pub fn new(inner: B, root: PathBuf) -> Self {
+        LocalDirect { inner, root }
+    }
+}
+
+/// What a direct create came to.
+enum Direct {
+    Done,
+    /// The file system refuses `O_DIRECT` here: write the usual way.
+    Unsupported,
+}
+
+fn failed(what: &str, path: &Path, e: std::io::Error) -> BackendError {
+    BackendError::Permanent(format!("{what} {}: {e}", path.display()).into())
+}
+
+/// Create `dest` with `data`, or fail with `AlreadyExists`.
+fn create_direct(dest: &Path, data: &[u8]) -> BResult<Direct> {
+    let Some(parent) = dest.parent() else {
+        return Ok(Direct::Unsupported);
+    };
+    let (file, staging) = match open_staging(dest, parent)? {
+        Some(f) => f,
+        None => return Ok(Direct::Unsupported),
+    };
+    let written = write_all_direct(&file, data)
+        .and_then(|()| file.set_len(data.len() as u64))
+        .and_then(|()| file.sync_all());
+    drop(file);
+    let outcome = match written {
+        Err(e) if e.kind() == ErrorKind::InvalidInput => Ok(Direct::Unsupported),
+        Err(e) => Err(failed("writing", &staging, e)),
+        Ok(()) => match std::fs::hard_link(&staging, dest) {
+            Ok(()) => Ok(Direct::Done),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(BackendError::AlreadyExists),
+            Err(e) => Err(failed("linking", dest, e)),
+        },
+    };
+    let removed = std::fs::remove_file(&staging);
+    if let Ok(Direct::Done) = outcome {
+        removed.map_err(|e| failed("removing", &staging, e))?;
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| failed("syncing directory", parent, e))?;
+    }
+    outcome
+}
+
+/// A new `dest#N` file opened for direct writes; `None` if the file
+/// system does not take `O_DIRECT`.
+fn open_staging(dest: &Path, parent: &Path) -> BResult<Option<(File, PathBuf)>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut n = 1u32;
+    loop {
+        let mut staging = dest.as_os_str().to_owned();
+        staging.push(format!("#{n}"));
+        let staging = PathBuf::from(staging);
+        let opened = File::options()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&staging);
+        match opened {
+            Ok(f) => return Ok(Some((f, staging))),
+            Err(e) if e.kind() == ErrorKind::InvalidInput => return Ok(None),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => n += 1,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| failed("creating directory", parent, e))?;
+                if let Some(up) = parent.parent() {
+                    File::open(up)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|e| failed("syncing directory", up, e))?;
+                }
+            }
+            Err(e) => return Err(failed("creating", &staging, e)),
+        }
+        if n > 1000 {
+            return Err(failed(
+                "creating",
+                &staging,
+                std::io::Error::other("a thousand staging files already exist"),
+            ));
+        }
+    }
+}
+
+/// Write `data` from offset 0 in aligned pieces; the last one is padded
+/// with zeros to the alignment (the caller truncates the file after).
+fn write_all_direct(file: &File, data: &[u8]) -> std::io::Result<()> {
+    let mut buf = PageBuf::with_capacity(PIECE);
+    let mut at = 0;
+    while at < data.len() {
+        let piece = &data[at..data.len().min(at + PIECE)];
+        buf.clear();
+        buf.extend_from_slice(piece);
+        buf.extend_zeroed(piece.len().div_ceil(PAGE) * PAGE - piece.len());
+        if !buf.is_aligned() {
+            return Err(std::io::Error::from(ErrorKind::InvalidInput));
+        }
+        file.write_all_at(&buf, at as u64)?;
+        at += piece.len();
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl<B: Backend> Backend for LocalDirect<B> {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
+    async fn put(&self, key: &str, data: Bytes, mode: WriteMode) -> BResult<()> {
+        // Keys are pgcairn's own ("packs/ab/ab…"); anything unusual goes
+        // the usual way, which validates it.
+        let plain = key
+            .split('/')
+            .all(|p| !p.is_empty() && p != "." && p != ".." && !p.contains('#'));
+        if mode != WriteMode::Create || data.len() < DIRECT_MIN || !plain {
+            return self.inner.put(key, data, mode).await;
+        }
+        let dest = self.root.join(key);
+        let d = data.clone();
+        let done = tokio::task::spawn_blocking(move || create_direct(&dest, &d))
+            .await
+            .map_err(|e| BackendError::Permanent(Box::new(e)))??;
+        match done {
+            Direct::Done => Ok(()),
+            Direct::Unsupported => self.inner.put(key, data, mode).await,
+        }
+    }
+    async fn get(&self, key: &str) -> BResult<Bytes> {
+        self.inner.get(key).await
+    }
+    async fn get_range(&self, key: &str, range: Range<u64>) -> BResult<Bytes> {
+        self.inner.get_range(key, range).await
+    }
+    async fn head(&self, key: &str) -> BResult<ObjectInfo> {
+        self.inner.head(key).await
+    }
+    async fn list(&self, prefix: &str) -> BResult<Vec<ObjectInfo>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> BResult<()> {
+        self.inner.delete(key).await
+    }
+    async fn incomplete_uploads(&self) -> BResult<UploadListing> {
+        self.inner.incomplete_uploads().await
+    }
+    async fn abort_upload(&self, upload: &IncompleteUpload) -> BResult<()> {
+        self.inner.abort_upload(upload).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::backend::ObjectStoreBackend;
+
+    fn data(len: usize) -> Bytes {
+        (0..len)
+            .map(|i| (i * 31 + i / 4099) as u8)
+            .collect::<Vec<u8>>()
+            .into()
+    }
+
+    async fn roundtrip(dir: &Path) {
+        let inner = ObjectStoreBackend::open(dir.to_str().unwrap(), false).unwrap();
+        let b = LocalDirect::new(inner, dir.to_path_buf());
+        // Not a multiple of the page size, more than one piece.
+        let big = data(3 * PIECE + 12345);
+        b.put("packs/ab/abc", big.clone(), WriteMode::Create)
+            .await
+            .unwrap();
+        assert_eq!(b.get("packs/ab/abc").await.unwrap(), big);
+        assert_eq!(
+            std::fs::metadata(dir.join("packs/ab/abc")).unwrap().len(),
+            big.len() as u64
+        );
+        // Create never replaces, and leaves no staging file behind.
+        let other = data(2 * PIECE);
+        assert!(matches!(
+            b.put("packs/ab/abc", other, WriteMode::Create).await,
+            Err(BackendError::AlreadyExists)
+        ));
+        assert_eq!(b.get("packs/ab/abc").await.unwrap(), big);
+        let names: Vec<String> = std::fs::read_dir(dir.join("packs/ab"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["abc"]);
+        // A page-aligned size and a small object.
+        let even = data(2 * PAGE * 256);
+        b.put("packs/cd/cde", even.clone(), WriteMode::Create)
+            .await
+            .unwrap();
+        assert_eq!(b.get("packs/cd/cde").await.unwrap(), even);
+        b.put("index/x", data(10), WriteMode::Create).await.unwrap();
+        assert_eq!(b.get("index/x").await.unwrap(), data(10));
+    }
+
+    #[tokio::test]
+    async fn large_objects_are_created_exactly_and_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        roundtrip(dir.path()).await;
+    }
+
+    /// tmpfs took `O_DIRECT` only from Linux 6.6; before, the usual write
+    /// takes over. Either way the object is there, exactly.
+    #[tokio::test]
+    async fn tmpfs_works_whether_or_not_it_takes_direct_io() {
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() {
+            return;
+        }
+        let dir = tempfile::tempdir_in(shm).unwrap();
+        roundtrip(dir.path()).await;
+    }
+}
