@@ -81,9 +81,10 @@ fn create_direct(dest: &Path, data: &[u8]) -> BResult<Direct> {
             Err(e) => Err(failed("linking", dest, e)),
         },
     };
-    let removed = std::fs::remove_file(&staging);
+    // A staging file left behind (the removal failed) is harmless: the
+    // object is complete, and the collector removes stale staging files.
+    let _ = std::fs::remove_file(&staging);
     if let Ok(Direct::Done) = outcome {
-        removed.map_err(|e| failed("removing", &staging, e))?;
         File::open(parent)
             .and_then(|d| d.sync_all())
             .map_err(|e| failed("syncing directory", parent, e))?;
