@@ -97,6 +97,7 @@ fn create_direct(dest: &Path, data: &[u8]) -> BResult<Direct> {
 fn open_staging(dest: &Path, parent: &Path) -> BResult<Option<(File, PathBuf)>> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut n = 1u32;
+    let mut made_dirs = false;
     loop {
         let mut staging = dest.as_os_str().to_owned();
         staging.push(format!("#{n}"));
@@ -110,7 +111,8 @@ fn open_staging(dest: &Path, parent: &Path) -> BResult<Option<(File, PathBuf)>> 
             Ok(f) => return Ok(Some((f, staging))),
             Err(e) if e.kind() == ErrorKind::InvalidInput => return Ok(None),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => n += 1,
-            Err(e) if e.kind() == ErrorKind::NotFound => {
+            Err(e) if e.kind() == ErrorKind::NotFound && !made_dirs => {
+                made_dirs = true;
                 std::fs::create_dir_all(parent)
                     .map_err(|e| failed("creating directory", parent, e))?;
                 if let Some(up) = parent.parent() {
