@@ -49,14 +49,8 @@ pub(super) fn create(path: &std::path::Path, new: bool) -> std::io::Result<(File
         opts.create(true).truncate(true);
     }
     #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        match opts.clone().custom_flags(libc::O_DIRECT).open(path) {
-            Ok(f) => return Ok((f, true)),
-            // tmpfs and some FUSE file systems refuse O_DIRECT.
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {}
-            Err(e) => return Err(e),
-        }
+    if let Some(f) = crate::repo::pagebuf::open_direct(&opts, path)? {
+        return Ok((f, true));
     }
     opts.open(path).map(|f| (f, false))
 }

@@ -172,33 +172,41 @@ impl Sealer {
         match self {
             Sealer::None => Ok(0..sealed.len()),
             Sealer::XChaCha(c) => {
-                let Some(end) = sealed
-                    .len()
-                    .checked_sub(TAG_LEN)
-                    .filter(|&e| e >= NONCE_LEN)
-                else {
-                    return Err(RepoError::corrupt(what(), "sealed data too short"));
-                };
-                let (n, ct_tag) = sealed.split_at_mut(NONCE_LEN);
-                let nonce: [u8; NONCE_LEN] = (&*n)
-                    .try_into()
-                    .map_err(|_| RepoError::corrupt(what(), "bad nonce"))?;
-                if !c.open(&nonce, aad, ct_tag)? {
+                let nonce = nonce_of(sealed, what)?;
+                if !c.open(&nonce, aad, &mut sealed[NONCE_LEN..])? {
                     return Err(auth_failed(&what()));
                 }
-                Ok(NONCE_LEN..end)
+                Ok(NONCE_LEN..sealed.len() - TAG_LEN)
             }
         }
     }
 
     /// Open a sealed blob; `object` names it in the error.
     pub fn open(&self, sealed: &[u8], aad: &[u8], object: &str) -> Result<Vec<u8>> {
-        let mut buf = sealed.to_vec();
-        let at = self.open_in_place(&mut buf, aad, &|| object.to_string())?;
-        buf.truncate(at.end);
-        buf.drain(..at.start);
-        Ok(buf)
+        match self {
+            Sealer::None => Ok(sealed.to_vec()),
+            Sealer::XChaCha(c) => {
+                let nonce = nonce_of(sealed, &|| object.to_string())?;
+                let mut buf = sealed[NONCE_LEN..].to_vec();
+                if !c.open(&nonce, aad, &mut buf)? {
+                    return Err(auth_failed(object));
+                }
+                buf.truncate(buf.len() - TAG_LEN);
+                Ok(buf)
+            }
+        }
     }
+}
+
+/// The nonce of a sealed blob that is long enough to hold a nonce and a
+/// tag.
+fn nonce_of(sealed: &[u8], what: &dyn Fn() -> String) -> Result<[u8; NONCE_LEN]> {
+    if sealed.len() < NONCE_LEN + TAG_LEN {
+        return Err(RepoError::corrupt(what(), "sealed data too short"));
+    }
+    sealed[..NONCE_LEN]
+        .try_into()
+        .map_err(|_| RepoError::corrupt(what(), "bad nonce"))
 }
 
 fn auth_failed(object: &str) -> RepoError {

@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::backend::{BResult, Backend, BackendError, ObjectInfo, WriteMode};
-use super::pagebuf::{PageBuf, PAGE};
+use super::pagebuf::{open_direct, PageBuf, PAGE};
 use super::uploads::{IncompleteUpload, UploadListing};
 
 /// Objects at least this large are written directly: packs, not the
@@ -95,21 +95,16 @@ fn create_direct(dest: &Path, data: &[u8]) -> BResult<Direct> {
 /// A new `dest#N` file opened for direct writes; `None` if the file
 /// system does not take `O_DIRECT`.
 fn open_staging(dest: &Path, parent: &Path) -> BResult<Option<(File, PathBuf)>> {
-    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = File::options();
+    opts.write(true).create_new(true);
     let mut n = 1u32;
     let mut made_dirs = false;
     loop {
         let mut staging = dest.as_os_str().to_owned();
         staging.push(format!("#{n}"));
         let staging = PathBuf::from(staging);
-        let opened = File::options()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&staging);
-        match opened {
-            Ok(f) => return Ok(Some((f, staging))),
-            Err(e) if e.kind() == ErrorKind::InvalidInput => return Ok(None),
+        match open_direct(&opts, &staging) {
+            Ok(f) => return Ok(f.map(|f| (f, staging))),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => n += 1,
             Err(e) if e.kind() == ErrorKind::NotFound && !made_dirs => {
                 made_dirs = true;

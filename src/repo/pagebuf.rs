@@ -11,6 +11,22 @@ use std::sync::Mutex;
 /// device.
 pub const PAGE: usize = 4096;
 
+/// Open `path` with `opts` plus `O_DIRECT`; `None` when the file system
+/// refuses it (tmpfs on older kernels, some FUSE file systems), so the
+/// caller writes the usual way instead.
+#[cfg(target_os = "linux")]
+pub fn open_direct(
+    opts: &std::fs::OpenOptions,
+    path: &std::path::Path,
+) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match opts.clone().custom_flags(libc::O_DIRECT).open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Bytes at a [`PAGE`]-aligned address, filled by appending. Growing past
 /// the capacity asked for moves the bytes and may lose the alignment:
 /// writers check [`PageBuf::is_aligned`] before relying on it.
