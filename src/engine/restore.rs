@@ -55,6 +55,24 @@ fn fsync_dir(p: &Path) -> Result<()> {
         .map_err(io(format!("fsync {}", p.display())))
 }
 
+/// `create_dir_all`, then fsync the parent of every directory it made, so
+/// that a restore reported done cannot lose its target or a tablespace
+/// location to a power cut (the directories themselves are fsynced later).
+fn create_dirs_durably(p: &Path) -> Result<()> {
+    let missing: Vec<&Path> = p
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
+        .collect();
+    std::fs::create_dir_all(p).map_err(io(format!("creating {}", p.display())))?;
+    for d in missing {
+        match d.parent() {
+            Some(up) if !up.as_os_str().is_empty() => fsync_dir(up)?,
+            _ => fsync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
+}
+
 fn is_empty_dir(p: &Path) -> Result<bool> {
     Ok(std::fs::read_dir(p)
         .map_err(io(format!("listing {}", p.display())))?
@@ -186,7 +204,7 @@ pub async fn run(
             )));
         }
     } else {
-        std::fs::create_dir_all(target).map_err(io(format!("creating {}", target.display())))?;
+        create_dirs_durably(target)?;
     }
     std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700))
         .map_err(io(format!("chmod {}", target.display())))?;
@@ -251,7 +269,7 @@ pub async fn run(
                         "tablespace directory {loc} is not empty; relocate it with --tablespace-map {orig}=NEW_DIRECTORY"
                     )));
                 }
-                std::fs::create_dir_all(&locp).map_err(io(format!("creating tablespace {loc}")))?;
+                create_dirs_durably(&locp)?;
                 std::fs::set_permissions(&locp, std::fs::Permissions::from_mode(0o700))
                     .map_err(io(format!("chmod {loc}")))?;
                 std::os::unix::fs::symlink(&locp, &path)
@@ -291,8 +309,17 @@ pub async fn run(
                 (repo.clone(), (*e).clone(), path.clone(), *mode, *mtime);
             let (progress, unchanged, delta) = (progress.clone(), unchanged.clone(), opts.delta);
             running.spawn(async move {
-                let written = if delta && same_content(&path, &e)? {
-                    set_attrs(&path, mode, mtime)?;
+                let kept = match delta {
+                    // Hashing a large file blocks: off the async workers.
+                    true => {
+                        let (p, e2) = (path.clone(), e.clone());
+                        tokio::task::spawn_blocking(move || keep_if_same(&p, &e2, mode, mtime))
+                            .await
+                            .map_err(joined)??
+                    }
+                    false => false,
+                };
+                let written = if kept {
                     unchanged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     None
                 } else {
@@ -462,8 +489,13 @@ pub async fn check_timeline(
     Ok(target)
 }
 
-/// Is the file at `path` already exactly the entry (size, then BLAKE3)?
-fn same_content(path: &Path, e: &Entry) -> Result<bool> {
+/// If the file at `path` is already exactly the entry (size, then
+/// BLAKE3), give it the entry's mode and mtime and fsync it, and say so.
+/// The fsync matters: the file may be left from an aborted restore or a
+/// copy that never reached the disk, and the restore about to report
+/// success vouches for it. Mode and mtime go through the read-only handle,
+/// so an entry without an owner write bit (a 0400 `server.key`) works too.
+fn keep_if_same(path: &Path, e: &Entry, mode: u32, mtime: i64) -> Result<bool> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(false),
@@ -474,20 +506,18 @@ fn same_content(path: &Path, e: &Entry) -> Result<bool> {
     }
     let f = std::fs::File::open(path).map_err(io(format!("reading {}", path.display())))?;
     let mut h = blake3::Hasher::new();
-    h.update_reader(f)
+    h.update_reader(&f)
         .map_err(io(format!("reading {}", path.display())))?;
-    Ok(h.finalize().as_bytes() == &e.hash.0)
-}
-
-fn set_attrs(path: &Path, mode: u32, mtime: i64) -> Result<()> {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(io(format!("chmod {}", path.display())))?;
-    let f = std::fs::File::options()
-        .write(true)
-        .open(path)
-        .map_err(io(format!("opening {}", path.display())))?;
+    if h.finalize().as_bytes() != &e.hash.0 {
+        return Ok(false);
+    }
     f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime.max(0) as u64))
-        .map_err(io(format!("setting mtime of {}", path.display())))
+        .map_err(io(format!("setting mtime of {}", path.display())))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io(format!("chmod {}", path.display())))?;
+    f.sync_all()
+        .map_err(io(format!("fsync {}", path.display())))?;
+    Ok(true)
 }
 
 /// Remove everything under `dir` that is not an expected entry; follows
@@ -507,7 +537,9 @@ fn prune(dir: &Path, rel: &str, expected: &HashSet<&str>) -> Result<u64> {
             std::fs::symlink_metadata(&path).map_err(io(format!("stat {}", path.display())))?;
         let keep = expected.contains(child.as_str());
         if meta.file_type().is_symlink() {
-            if keep && rel == "pg_tblspc" {
+            // Tablespace links, and a pg_wal that is a link (initdb
+            // --waldir): kept, but their content is pruned too.
+            if keep && (rel == "pg_tblspc" || child == "pg_wal") {
                 removed += prune(&path, &child, expected)?;
             } else if !keep {
                 std::fs::remove_file(&path).map_err(io(format!("removing {}", path.display())))?;
@@ -537,4 +569,75 @@ fn write_small(path: &Path, data: &[u8]) -> Result<()> {
         .map_err(io(format!("chmod {}", path.display())))?;
     f.sync_all()
         .map_err(io(format!("fsync {}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn entry(path: &str, data: &[u8]) -> Entry {
+        Entry {
+            path: path.into(),
+            size: data.len() as u64,
+            hash: crate::repo::format::ChunkId(*blake3::hash(data).as_bytes()),
+            chunks: Vec::new(),
+            attrs: ciborium::Value::Null,
+        }
+    }
+
+    #[test]
+    fn delta_prune_empties_a_pg_wal_that_is_a_link() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let (data, wal) = (t.path().join("data"), t.path().join("wal"));
+        std::fs::create_dir_all(wal.join("archive_status")).expect("mkdir");
+        std::fs::write(wal.join("000000010000000000000003"), b"old").expect("write");
+        std::fs::write(
+            wal.join("archive_status/000000010000000000000003.ready"),
+            b"",
+        )
+        .expect("write");
+        std::fs::create_dir_all(data.join("base")).expect("mkdir");
+        std::fs::write(data.join("stray"), b"x").expect("write");
+        std::os::unix::fs::symlink(&wal, data.join("pg_wal")).expect("link");
+        let expected: HashSet<&str> = ["base", "pg_wal", "pg_wal/archive_status"].into();
+        assert_eq!(prune(&data, "", &expected).expect("prune"), 3);
+        let left = |d: &Path| std::fs::read_dir(d).expect("list").count();
+        assert_eq!(left(&wal), 1, "only archive_status stays in pg_wal");
+        assert_eq!(left(&wal.join("archive_status")), 0);
+        assert!(data
+            .join("pg_wal")
+            .symlink_metadata()
+            .expect("link")
+            .is_symlink());
+        assert!(!data.join("stray").exists());
+    }
+
+    #[test]
+    fn an_unchanged_file_gets_its_mode_and_mtime_even_read_only() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let p = t.path().join("server.key");
+        std::fs::write(&p, b"secret").expect("write");
+        assert!(keep_if_same(&p, &entry("server.key", b"secret"), 0o400, 1_000_000).expect("same"));
+        let m = std::fs::metadata(&p).expect("stat");
+        assert_eq!((m.mode() & 0o7777, m.mtime()), (0o400, 1_000_000));
+        // A file that differs is left for rewriting, untouched.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert!(!keep_if_same(&p, &entry("server.key", b"secreT"), 0o400, 5).expect("differs"));
+        assert!(!keep_if_same(&p, &entry("server.key", b"longer"), 0o400, 5).expect("differs"));
+        assert_eq!(std::fs::metadata(&p).expect("stat").mode() & 0o7777, 0o600);
+        assert!(
+            !keep_if_same(&t.path().join("absent"), &entry("absent", b""), 0o600, 5)
+                .expect("absent is not an error")
+        );
+    }
+
+    #[test]
+    fn nested_new_directories_are_created() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let p = t.path().join("a/b/c");
+        create_dirs_durably(&p).expect("create");
+        assert!(p.is_dir());
+        create_dirs_durably(&p).expect("existing is fine");
+    }
 }
