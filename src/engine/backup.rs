@@ -495,12 +495,15 @@ pub async fn run(
     if opts.include_wal {
         progress.phase("copying WAL", 0);
         let first = segno_of(start_lsn, seg_size);
-        let last = crate::pg::wal::WalFile::parse(&stop_wal, seg_size)
-            .map(|w| match w {
-                crate::pg::wal::WalFile::Segment { segno, .. } => segno,
-                _ => first,
-            })
-            .unwrap_or(first);
+        // A name that does not parse is an error, not a one-segment range:
+        // the backup would claim WAL it lacks.
+        let Some(crate::pg::wal::WalFile::Segment { segno: last, .. }) =
+            crate::pg::wal::WalFile::parse(&stop_wal, seg_size)
+        else {
+            return Err(EngineError::Refused(format!(
+                "the server named the backup's last WAL file {stop_wal:?}, which is not a WAL segment name"
+            )));
+        };
         let mut names: Vec<String> = (first..=last)
             .map(|s| segment_name(timeline, s, seg_size))
             .collect();

@@ -133,11 +133,16 @@ pub struct ObjectStoreBackend {
     uploads: Uploads,
 }
 
-fn classify(e: object_store::Error) -> BackendError {
+/// Remote stores report network trouble as `Generic`: worth retrying. A
+/// local file system reports its I/O errors (EIO, ENOSPC, a failed
+/// directory fsync after the object was linked) the same way; retrying
+/// those would turn a write whose durability failed into "already there".
+fn classify(e: object_store::Error, local: bool) -> BackendError {
     use object_store::Error as E;
     match e {
         E::NotFound { .. } => BackendError::NotFound,
         E::AlreadyExists { .. } => BackendError::AlreadyExists,
+        E::Generic { .. } if local => BackendError::Permanent(Box::new(e)),
         E::Generic { .. } | E::JoinError { .. } => BackendError::Transient(Box::new(e)),
         other => BackendError::Permanent(Box::new(other)),
     }
@@ -148,6 +153,10 @@ fn store_path(key: &str) -> BResult<StorePath> {
 }
 
 impl ObjectStoreBackend {
+    fn classify(&self, e: object_store::Error) -> BackendError {
+        classify(e, matches!(self.uploads, Uploads::Local(_)))
+    }
+
     /// The directory of a local repository.
     pub fn local_root(&self) -> Option<std::path::PathBuf> {
         match &self.uploads {
@@ -295,19 +304,23 @@ impl Backend for ObjectStoreBackend {
             .put_opts(&path, PutPayload::from_bytes(data), opts)
             .await
             .map(|_| ())
-            .map_err(classify)
+            .map_err(|e| self.classify(e))
     }
 
     async fn get(&self, key: &str) -> BResult<Bytes> {
         let path = store_path(key)?;
-        let res = self.store.get(&path).await.map_err(classify)?;
-        res.bytes().await.map_err(classify)
+        let res = self.store.get(&path).await.map_err(|e| self.classify(e))?;
+        res.bytes().await.map_err(|e| self.classify(e))
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> BResult<Bytes> {
         let path = store_path(key)?;
         let want = range.end - range.start;
-        let b = self.store.get_range(&path, range).await.map_err(classify)?;
+        let b = self
+            .store
+            .get_range(&path, range)
+            .await
+            .map_err(|e| self.classify(e))?;
         if b.len() as u64 != want {
             return Err(BackendError::Transient(
                 format!("short read: wanted {want} bytes, got {}", b.len()).into(),
@@ -318,7 +331,11 @@ impl Backend for ObjectStoreBackend {
 
     async fn head(&self, key: &str) -> BResult<ObjectInfo> {
         let path = store_path(key)?;
-        self.store.head(&path).await.map(info).map_err(classify)
+        self.store
+            .head(&path)
+            .await
+            .map(info)
+            .map_err(|e| self.classify(e))
     }
 
     async fn list(&self, prefix: &str) -> BResult<Vec<ObjectInfo>> {
@@ -332,12 +349,12 @@ impl Backend for ObjectStoreBackend {
             .map_ok(info)
             .try_collect()
             .await
-            .map_err(classify)
+            .map_err(|e| self.classify(e))
     }
 
     async fn delete(&self, key: &str) -> BResult<()> {
         let path = store_path(key)?;
-        self.store.delete(&path).await.map_err(classify)
+        self.store.delete(&path).await.map_err(|e| self.classify(e))
     }
 
     async fn incomplete_uploads(&self) -> BResult<UploadListing> {

@@ -154,6 +154,22 @@ struct ConfigDoc {
     mac: Vec<u8>,
 }
 
+/// Largest pack target: a pack's offsets and lengths are 32-bit, and a pack
+/// may exceed its target by one blob, so 2 GiB leaves ample room.
+pub const MAX_PACK_TARGET: u64 = 2 << 30;
+
+/// A pack target size a writer can honour.
+pub fn validate_pack_target(size: u64) -> Result<()> {
+    if (1..=MAX_PACK_TARGET).contains(&size) {
+        Ok(())
+    } else {
+        Err(RepoError::invalid(
+            "pack size",
+            format!("{size} bytes: choose between 1 byte and {MAX_PACK_TARGET} bytes (2 GiB); the default is 32 MiB"),
+        ))
+    }
+}
+
 impl RepoConfig {
     pub fn repo_id(&self) -> [u8; 16] {
         let mut id = [0u8; 16];
@@ -197,6 +213,7 @@ impl RepoConfig {
             ));
         }
         cfg.chunker.validate()?;
+        validate_pack_target(cfg.pack_target_size)?;
         Ok((cfg, doc.body, doc.mac))
     }
 
@@ -216,6 +233,16 @@ impl RepoConfig {
 #[cfg(test)]
 mod tests {
     use super::GcParams;
+
+    #[test]
+    fn pack_targets_that_overflow_32_bit_offsets_are_refused() {
+        use super::{validate_pack_target, MAX_PACK_TARGET};
+        assert!(validate_pack_target(32 << 20).is_ok());
+        assert!(validate_pack_target(MAX_PACK_TARGET).is_ok());
+        let e = validate_pack_target(4 << 30).expect_err("4 GiB");
+        assert!(e.to_string().contains("pack size"), "{e}");
+        assert!(validate_pack_target(0).is_err());
+    }
 
     #[test]
     fn gc_parameters_keep_writers_inside_the_grace_period() {

@@ -104,13 +104,28 @@ fn open_staging(dest: &Path, parent: &Path) -> BResult<Option<(File, PathBuf)>> 
         staging.push(format!("#{n}"));
         let staging = PathBuf::from(staging);
         match open_direct(&opts, &staging) {
-            Ok(f) => return Ok(f.map(|f| (f, staging))),
+            Ok(Some(f)) => return Ok(Some((f, staging))),
+            Ok(None) => {
+                // Linux creates the file before it refuses O_DIRECT; it is
+                // ours (O_EXCL), and the fallback writes under another name.
+                match std::fs::remove_file(&staging) {
+                    Err(e) if e.kind() != ErrorKind::NotFound => {
+                        return Err(failed("removing", &staging, e))
+                    }
+                    _ => return Ok(None),
+                }
+            }
             Err(e) if e.kind() == ErrorKind::AlreadyExists => n += 1,
             Err(e) if e.kind() == ErrorKind::NotFound && !made_dirs => {
                 made_dirs = true;
+                let missing: Vec<&Path> = parent
+                    .ancestors()
+                    .take_while(|d| std::fs::symlink_metadata(d).is_err())
+                    .collect();
                 std::fs::create_dir_all(parent)
                     .map_err(|e| failed("creating directory", parent, e))?;
-                if let Some(up) = parent.parent() {
+                // Every directory made is durable in its parent.
+                for up in missing.iter().filter_map(|d| d.parent()) {
                     File::open(up)
                         .and_then(|d| d.sync_all())
                         .map_err(|e| failed("syncing directory", up, e))?;

@@ -276,6 +276,7 @@ impl Repository {
     ) -> Result<Repository> {
         init.chunker.validate()?;
         init.gc.validate()?;
+        config::validate_pack_target(init.pack_target_size)?;
         let backend = backend::open(url, true)?;
         match backend.head(config::CONFIG_KEY).await {
             Ok(_) => return Err(RepoError::AlreadyInitialized { url: url.into() }),
