@@ -27,6 +27,9 @@
 #  - Repository: du -sb of each repository after each day (pgcairn's and pgBackRest's include
 #    their WAL archive; restic's holds data only, and "new" shows pgcairn's backup data alone).
 #  - Peak RSS: /usr/bin/time -v (for pgBackRest, the largest of its processes, not their sum).
+#  - Ceiling: after the full backups, examples/compress_ceiling reads the data directory and compresses
+#    it the way pgcairn does (zstd level 3, independent 32 KiB blocks, 2 threads) and does nothing else;
+#    its MB/s bounds pgcairn's full-backup MB/s on this machine.
 #  - Restore: wall clock of the tool's restore + `sync -f` of the target (pgcairn and pgBackRest
 #    fsync themselves, restic does not), each tool's repository read once (untimed) just before
 #    its restore, so every tool restores from the page cache whatever the bench wrote since.
@@ -78,7 +81,7 @@ fi
 
 TARGET_DIR=${BENCH_TARGET_DIR:-/tmp/pgcairn-bench-target}
 log "building pgcairn (release, CARGO_TARGET_DIR=$TARGET_DIR)"
-CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --quiet
+CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --quiet --bin pgcairn --example compress_ceiling
 
 # --- the unprivileged user, the work directory, ports -------------------------
 RUN=()
@@ -340,6 +343,11 @@ backup_all() {
 DATA0=$(data_bytes "$PG")
 log "full backups of $((DATA0 / 1000000)) MB (data directory without pg_wal)"
 backup_all 0
+# What compression alone allows: the same data directory read and zstd-compressed at level 3 in
+# pgcairn's 32 KiB blocks on 2 threads, with no hashing, encryption or writing
+# (examples/compress_ceiling.rs): pgcairn's full backup, which does all of that and more, cannot be faster.
+log "ceiling: the data directory read and compressed (zstd 3, 32 KiB blocks, 2 threads), nothing else"
+"$TARGET_DIR/release/examples/compress_ceiling" "$PG" 3 2 > "$W/ceiling" || die "compress_ceiling failed"
 for day in $(seq 1 "$DAYS"); do
   log "day $day: churn (pgbench ${CHURN_SECS}s, $((SCALE * 5000)) appended events, hot 1% of real_data updated)"
   as "$PGBIN/pgbench" -n -T "$CHURN_SECS" -c 2 -j 2 -h "$W" -p "$PORT" -U postgres postgres >/dev/null 2>&1
@@ -432,9 +440,9 @@ HEADER="pgcairn $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '
 $(date -Is) on $(nproc) cores; pgbench scale $SCALE + real_data + events; $DAYS days of churn ($CHURN_SECS s of pgbench -c2, $((SCALE * 5000)) appended events, hot 1% of real_data); data $((DATA0 / 1000000)) MB at the full backup
 WAL: one archive_command, \`pgcairn archive-push && pgbackrest archive-push\` (both archives hold the same WAL); restic backs up the data directory only (pg_backup_start/stop around it, WAL from pgcairn's archive at restore)
 Encryption: $ENC_NOTE. pgBackRest: zstd level 3, process-max 2. pgcairn: --jobs 2. restic: default (repository v2, zstd auto)"
-python3 - "$RESULTS" "$RESTORE_TSV" "$OUT" "$HEADER" <<'PY'
+python3 - "$RESULTS" "$RESTORE_TSV" "$OUT" "$HEADER" "$W/ceiling" <<'PY'
 import csv, sys
-res_path, rest_path, out_path, header = sys.argv[1:5]
+res_path, rest_path, out_path, header, ceiling_path = sys.argv[1:6]
 rows = list(csv.DictReader(open(res_path), delimiter="\t"))
 rests = {r["tool"]: r for r in csv.DictReader(open(rest_path), delimiter="\t")}
 tools = ["pgcairn", "pgbackrest", "restic"]
@@ -478,6 +486,12 @@ out.append(f"- full-backup throughput pgcairn/pgBackRest: {mbps('pgcairn', 0) / 
            f"({mbps('pgcairn', 0):.0f} vs {mbps('pgbackrest', 0):.0f} MB/s)")
 out.append(f"- full-backup throughput pgcairn/restic: {mbps('pgcairn', 0) / mbps('restic', 0):.2f} "
            f"({mbps('pgcairn', 0):.0f} vs {mbps('restic', 0):.0f} MB/s)")
+c_read, c_secs, c_out = open(ceiling_path).read().split()
+ceiling = int(c_read) / MB / float(c_secs)
+out.append(f"- ceiling: reading the data directory and compressing it like pgcairn (zstd 3, 32 KiB blocks, 2 threads), "
+           f"and nothing else, runs at {ceiling:.0f} MB/s = {ceiling / mbps('pgbackrest', 0):.2f}x pgBackRest's full "
+           f"({int(c_read) / MB:.0f} MB in {float(c_secs):.1f} s, {int(c_out) / MB:.0f} MB out); "
+           f"pgcairn's full backup runs at {mbps('pgcairn', 0) / ceiling:.0%} of it")
 if daily:
     c, r, p = mean([wall('pgcairn', d) for d in daily]), mean([wall('restic', d) for d in daily]), mean([wall('pgbackrest', d) for d in daily])
     out.append(f"- daily backup time pgcairn/restic: {c / r:.2f} ({c:.1f} s vs {r:.1f} s mean; pgBackRest incr {p:.1f} s)")
