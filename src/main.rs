@@ -4,7 +4,17 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     limit_malloc_arenas();
-    let cli = pgcairn::cli::Cli::parse();
+    let cli = match pgcairn::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            let _ = e.print();
+            // A restore_command this binary cannot parse (a flag from a
+            // newer pgcairn) must not read as "absent" to PostgreSQL.
+            let archive_get = std::env::args().skip(1).any(|a| a == "archive-get");
+            return std::process::ExitCode::from(if archive_get { 255 } else { 2 });
+        }
+    };
     // restore_command must exit 255 on failure: 1..125 means "absent" to
     // PostgreSQL, which would end recovery early.
     let failure = if matches!(cli.command, pgcairn::cli::Command::ArchiveGet(_)) {

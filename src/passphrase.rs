@@ -1,7 +1,9 @@
-//! Where a passphrase comes from, in order: `PGCAIRN_PASSPHRASE`, a
-//! passphrase file (`--passphrase-file`, `PGCAIRN_PASSPHRASE_FILE`, or the
-//! config file), a command (`PGCAIRN_PASSPHRASE_COMMAND` or the config), or a
-//! prompt when standard input is a terminal. Never a command-line value:
+//! Where a passphrase comes from, the first that is set: the
+//! `--passphrase-file` flag; the environment (`PGCAIRN_PASSPHRASE`,
+//! `PGCAIRN_PASSPHRASE_FILE`, `PGCAIRN_PASSPHRASE_COMMAND`); the config
+//! file (`passphrase_file`, then `passphrase_command`); a prompt when
+//! standard input is a terminal. Flags beat the environment, which beats the
+//! config file, as for every other setting. Never a command-line value:
 //! `archive_command` shows in `ps` and in `pg_settings`.
 //!
 //! Files must be mode 0600 (or stricter) and owned by the invoking user.
@@ -13,6 +15,8 @@ use zeroize::Zeroizing;
 
 #[derive(Debug, Clone, Default)]
 pub struct PassphraseSource {
+    /// `PGCAIRN_PASSPHRASE` holds it.
+    pub env_value: bool,
     pub file: Option<PathBuf>,
     pub command: Option<String>,
 }
@@ -50,23 +54,70 @@ fn trim_newline(mut v: Vec<u8>) -> Zeroizing<Vec<u8>> {
 }
 
 impl PassphraseSource {
-    pub fn from_env(file: Option<PathBuf>, command: Option<String>) -> Self {
-        PassphraseSource {
-            file: file.or_else(|| std::env::var_os("PGCAIRN_PASSPHRASE_FILE").map(PathBuf::from)),
-            command: command.or_else(|| std::env::var("PGCAIRN_PASSPHRASE_COMMAND").ok()),
+    /// The one source that applies (see the module comment).
+    pub fn resolve(
+        flag_file: Option<PathBuf>,
+        config_file: Option<PathBuf>,
+        config_command: Option<String>,
+    ) -> Self {
+        let none = PassphraseSource::default();
+        if let Some(f) = flag_file {
+            return PassphraseSource {
+                file: Some(f),
+                ..none
+            };
+        }
+        if std::env::var_os("PGCAIRN_PASSPHRASE").is_some() {
+            return PassphraseSource {
+                env_value: true,
+                ..none
+            };
+        }
+        if let Some(f) = std::env::var_os("PGCAIRN_PASSPHRASE_FILE") {
+            return PassphraseSource {
+                file: Some(PathBuf::from(f)),
+                ..none
+            };
+        }
+        if let Ok(c) = std::env::var("PGCAIRN_PASSPHRASE_COMMAND") {
+            return PassphraseSource {
+                command: Some(c),
+                ..none
+            };
+        }
+        match config_file {
+            Some(f) => PassphraseSource {
+                file: Some(f),
+                ..none
+            },
+            None => PassphraseSource {
+                command: config_command,
+                ..none
+            },
         }
     }
 
-    /// The repository passphrase.
+    /// Whether any source but the prompt is set.
+    pub fn is_set(&self) -> bool {
+        self.env_value || self.file.is_some() || self.command.is_some()
+    }
+
+    /// The repository passphrase. An empty one is an error naming where it
+    /// came from: no key has an empty passphrase, and "wrong passphrase"
+    /// would send the user to the wrong place.
     pub fn get(&self) -> Result<Zeroizing<Vec<u8>>, String> {
-        if let Ok(p) = std::env::var("PGCAIRN_PASSPHRASE") {
-            return Ok(Zeroizing::new(p.into_bytes()));
+        if self.env_value {
+            let p = std::env::var("PGCAIRN_PASSPHRASE")
+                .map_err(|e| format!("PGCAIRN_PASSPHRASE: {e}"))?;
+            return non_empty(Zeroizing::new(p.into_bytes()))
+                .map_err(|_| "PGCAIRN_PASSPHRASE is empty".into());
         }
         if let Some(f) = &self.file {
             check_secret_file(f)?;
             let v = std::fs::read(f)
                 .map_err(|e| format!("cannot read passphrase file {}: {e}", f.display()))?;
-            return Ok(trim_newline(v));
+            return non_empty(trim_newline(v))
+                .map_err(|_| format!("passphrase file {} is empty", f.display()));
         }
         if let Some(c) = &self.command {
             let out = std::process::Command::new("sh")
@@ -78,7 +129,8 @@ impl PassphraseSource {
             if !out.status.success() {
                 return Err(format!("passphrase command failed with {}", out.status));
             }
-            return Ok(trim_newline(out.stdout));
+            return non_empty(trim_newline(out.stdout))
+                .map_err(|_| format!("passphrase command `{c}` printed nothing"));
         }
         if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
             let p =
@@ -101,13 +153,8 @@ pub fn new_passphrase(fallback: Option<&PassphraseSource>) -> Result<Zeroizing<V
         let v = std::fs::read(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
         return non_empty(trim_newline(v));
     }
-    if let Some(src) = fallback {
-        if std::env::var_os("PGCAIRN_PASSPHRASE").is_some()
-            || src.file.is_some()
-            || src.command.is_some()
-        {
-            return non_empty(src.get()?);
-        }
+    if let Some(src) = fallback.filter(|s| s.is_set()) {
+        return src.get();
     }
     if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         let a = rpassword::prompt_password("New passphrase: ").map_err(|e| e.to_string())?;

@@ -196,9 +196,53 @@ fn config_file_and_passphrase_command() {
     let o = run(&["--config", &c, "info"]);
     assert!(!o.status.success());
     assert!(text(&o).contains("wrong passphrase"), "{}", text(&o));
+    // The environment beats the config file, as for every setting.
+    let with_env = |k: &str, v: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgcairn"));
+        cmd.args(["--config", &c, "info"])
+            .env_remove("PGCAIRN_REPO")
+            .env_remove("PGCAIRN_PASSPHRASE")
+            .env_remove("PGCAIRN_PASSPHRASE_FILE")
+            .env_remove("PGCAIRN_PASSPHRASE_COMMAND")
+            .env("PGCAIRN_CACHE_DIR", e.dir.path().join("cache"))
+            .env(k, v)
+            .stdin(std::process::Stdio::null());
+        cmd.output().unwrap()
+    };
+    let o = with_env("PGCAIRN_PASSPHRASE_COMMAND", "printf cmd-pass");
+    assert!(o.status.success(), "{}", text(&o));
+    let pw = e.dir.path().join("pw");
+    std::fs::write(&pw, "cmd-pass\n").unwrap();
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let o = with_env("PGCAIRN_PASSPHRASE_FILE", &pw.to_string_lossy());
+    assert!(o.status.success(), "{}", text(&o));
+    // A command that prints nothing is named, not called a wrong passphrase.
+    let o = with_env("PGCAIRN_PASSPHRASE_COMMAND", "true");
+    assert!(!o.status.success());
+    assert!(text(&o).contains("printed nothing"), "{}", text(&o));
     // An unknown key in the file is an error that names the file.
     std::fs::write(&cfg, "[repository]\nurll = \"x\"\n").unwrap();
     let o = run(&["--config", &c, "info"]);
     assert!(!o.status.success());
     assert!(text(&o).contains("pgcairn.toml"), "{}", text(&o));
+}
+
+#[test]
+fn argument_errors_and_bad_levels() {
+    let e = Env::new();
+    // restore_command: any failure, a bad argument included, is 255, so
+    // that PostgreSQL does not take it for "absent" and end recovery.
+    let o = e.cmd(&["archive-get", "--no-such-flag", "a", "b"], &[]);
+    assert_eq!(o.status.code(), Some(255), "{}", text(&o));
+    let o = e.cmd(&["list", "--no-such-flag"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(e.cmd(&["--version"], &[]).status.success());
+    // A compression level zstd would clamp is refused, naming the fix.
+    let o = e.cmd(
+        &["init", "--compression", "50"],
+        &[("PGCAIRN_NEW_PASSPHRASE", "x")],
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("from 1 to 22"), "{}", text(&o));
+    assert!(!e.dir.path().join("repo").join("config").exists());
 }

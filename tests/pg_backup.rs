@@ -90,11 +90,40 @@ fn backup_under_load_restores_and_starts() {
         .as_str()
         .unwrap()
         .contains("START WAL LOCATION"));
+    // The text form shows the tablespace_map too (oid and location).
+    let shown = cairn.ok(&["show", "--server", "main", "latest"]);
+    let oid = meta["tablespaces"][0]["oid"].to_string();
+    assert!(
+        shown.contains(&format!("tablespace_map:\n{oid} {}", ts_dir.display())),
+        "{shown}"
+    );
 
     // Restore elsewhere, relocating the tablespace, and start it.
     let target = d.join("restored");
     let ts_new = d.join("ts-restored");
     let map = format!("{}={}", ts_dir.display(), ts_new.display());
+    // A relocation that names no tablespace of the backup is refused
+    // before anything is written, rather than restoring at the old place.
+    let typo = format!("{}x={}", ts_dir.display(), ts_new.display());
+    let o = cairn.run(
+        &[
+            "restore",
+            "--server",
+            "main",
+            "latest",
+            target.to_str().unwrap(),
+            "--tablespace-map",
+            &typo,
+        ],
+        &[],
+    );
+    assert!(
+        !o.status.success()
+            && text(&o).contains(&format!("tablespaces are at {}", ts_dir.display())),
+        "{}",
+        text(&o)
+    );
+    assert!(!target.exists() && !ts_new.exists());
     let out = cairn.ok(&[
         "restore",
         "--server",

@@ -35,11 +35,13 @@ pub struct Ctx {
 impl Ctx {
     pub fn new(global: Global) -> Result<Ctx> {
         let settings = Settings::load(global.config.as_deref()).map_err(anyhow::Error::msg)?;
-        let passphrase = PassphraseSource::from_env(
-            global
-                .passphrase_file
-                .clone()
-                .or_else(|| settings.repository.passphrase_file.clone()),
+        if let Some(level) = settings.repository.compression {
+            crate::repo::Compression::validate_level(level)
+                .context("[repository] compression in the config file")?;
+        }
+        let passphrase = PassphraseSource::resolve(
+            global.passphrase_file.clone(),
+            settings.repository.passphrase_file.clone(),
             settings.repository.passphrase_command.clone(),
         );
         Ok(Ctx {

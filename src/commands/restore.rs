@@ -18,7 +18,15 @@ pub async fn run(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
         let (old, new) = m.split_once('=').ok_or_else(|| {
             anyhow::anyhow!("--tablespace-map {m:?}: expected OLD_DIRECTORY=NEW_DIRECTORY")
         })?;
-        map.push((old.to_string(), new.to_string()));
+        // A relative NEW would be a link resolved inside pg_tblspc.
+        if !new.starts_with('/') {
+            anyhow::bail!("--tablespace-map {m:?}: the new directory must be an absolute path");
+        }
+        let trim = |p: &str| match p.trim_end_matches('/') {
+            "" => "/".to_string(),
+            t => t.to_string(),
+        };
+        map.push((trim(old), trim(new)));
     }
     // The restored server's restore_command unlocks through the key cache.
     let repo = ctx.open_cached().await?;

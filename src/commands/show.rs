@@ -138,5 +138,8 @@ pub async fn run(ctx: &Ctx, a: ShowArgs) -> Result<()> {
         );
     }
     println!("backup_label:\n{}", meta.backup_label.trim_end());
+    if let Some(map) = meta.tablespace_map.as_deref().filter(|m| !m.is_empty()) {
+        println!("tablespace_map:\n{}", map.trim_end());
+    }
     Ok(())
 }

@@ -189,6 +189,26 @@ pub async fn run(
     let started = Instant::now();
     let m = repo.read_manifest(name).await?;
     let meta: BackupMeta = from_value(&m.meta, name)?;
+    // Every relocation names one of the backup's tablespaces: a typo must
+    // not restore a tablespace at its old place instead.
+    let mut locations = Vec::new();
+    for e in &m.entries {
+        let a = attrs_of(e)?;
+        if a.kind == "tablespace" {
+            locations.push(a.target.unwrap_or_default());
+        }
+    }
+    for (old, new) in &opts.tablespace_map {
+        if !locations.contains(old) {
+            let known = match locations.is_empty() {
+                true => "it has none".to_string(),
+                false => format!("its tablespaces are at {}", locations.join(", ")),
+            };
+            return Err(EngineError::Refused(format!(
+                "--tablespace-map {old}={new}: backup {name} has no tablespace at {old}; {known}"
+            )));
+        }
+    }
     let target = &opts.target;
     if target.exists() {
         if target.join("postmaster.pid").exists() {

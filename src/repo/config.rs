@@ -144,6 +144,23 @@ impl Compression {
         algorithm: CompressionAlgorithm::Zstd,
         level: 3,
     };
+
+    /// A level zstd takes as given (it clamps others silently: 50 would
+    /// run as 22, a hundred times slower than 3). Its negative "fast"
+    /// levels are not offered.
+    pub fn validate_level(level: i32) -> Result<()> {
+        if (1..=zstd::zstd_safe::max_c_level()).contains(&level) {
+            Ok(())
+        } else {
+            Err(RepoError::invalid(
+                "compression level",
+                format!(
+                    "{level}: choose a zstd level from 1 to {}; the default is 3",
+                    zstd::zstd_safe::max_c_level()
+                ),
+            ))
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]

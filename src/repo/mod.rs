@@ -277,6 +277,7 @@ impl Repository {
         init.chunker.validate()?;
         init.gc.validate()?;
         config::validate_pack_target(init.pack_target_size)?;
+        Compression::validate_level(init.compression.level)?;
         let backend = backend::open(url, true)?;
         match backend.head(config::CONFIG_KEY).await {
             Ok(_) => return Err(RepoError::AlreadyInitialized { url: url.into() }),
@@ -363,6 +364,9 @@ impl Repository {
         passphrase: PassphraseFn<'_>,
         opts: OpenOptions,
     ) -> Result<Repository> {
+        if let Some(level) = opts.compression_level {
+            Compression::validate_level(level)?;
+        }
         let backend = backend::open(url, false)?;
         let cfg_bytes = match backend.get(config::CONFIG_KEY).await {
             Ok(b) => b,
