@@ -105,18 +105,8 @@ fn backup_under_load_restores_and_starts() {
     // A relocation that names no tablespace of the backup is refused
     // before anything is written, rather than restoring at the old place.
     let typo = format!("{}x={}", ts_dir.display(), ts_new.display());
-    let o = cairn.run(
-        &[
-            "restore",
-            "--server",
-            "main",
-            "latest",
-            target.to_str().unwrap(),
-            "--tablespace-map",
-            &typo,
-        ],
-        &[],
-    );
+    let tgt = target.to_str().unwrap();
+    let o = cairn.run(&restore_args(tgt, &typo), &[]);
     assert!(
         !o.status.success()
             && text(&o).contains(&format!("tablespaces are at {}", ts_dir.display())),
@@ -124,15 +114,7 @@ fn backup_under_load_restores_and_starts() {
         text(&o)
     );
     assert!(!target.exists() && !ts_new.exists());
-    let out = cairn.ok(&[
-        "restore",
-        "--server",
-        "main",
-        "latest",
-        target.to_str().unwrap(),
-        "--tablespace-map",
-        &map,
-    ]);
+    let out = cairn.ok(&restore_args(tgt, &map));
     println!("{out}");
     assert!(!target.join("scratch").exists());
     let link = std::fs::read_link(
@@ -197,33 +179,13 @@ fn backup_under_load_restores_and_starts() {
     let linked = target.join("PG_VERSION");
     std::fs::remove_file(&linked).unwrap();
     std::os::unix::fs::symlink(&outside, &linked).unwrap();
-    let o = cairn.run(
-        &[
-            "restore",
-            "--server",
-            "main",
-            "latest",
-            target.to_str().unwrap(),
-            "--tablespace-map",
-            &map,
-        ],
-        &[],
-    );
+    let o = cairn.run(&restore_args(tgt, &map), &[]);
     assert!(
         !o.status.success() && text(&o).contains("--delta"),
         "{}",
         text(&o)
     );
-    let out = cairn.ok(&[
-        "restore",
-        "--server",
-        "main",
-        "latest",
-        target.to_str().unwrap(),
-        "--tablespace-map",
-        &map,
-        "--delta",
-    ]);
+    let out = cairn.ok(&[restore_args(tgt, &map), vec!["--delta"]].concat());
     println!("{out}");
     assert!(out.contains("already matched"), "{out}");
     assert!(!target.join("junk").exists());
@@ -657,4 +619,17 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         }
     })
     .sum()
+}
+
+/// `restore --server main latest TARGET --tablespace-map MAP`.
+fn restore_args<'a>(target: &'a str, map: &'a str) -> Vec<&'a str> {
+    vec![
+        "restore",
+        "--server",
+        "main",
+        "latest",
+        target,
+        "--tablespace-map",
+        map,
+    ]
 }
