@@ -11,7 +11,7 @@ fn main() -> std::process::ExitCode {
             let _ = e.print();
             // A restore_command this binary cannot parse (a flag from a
             // newer pgcairn) must not read as "absent" to PostgreSQL.
-            let archive_get = std::env::args().skip(1).any(|a| a == "archive-get");
+            let archive_get = std::env::args_os().skip(1).any(|a| a == "archive-get");
             return std::process::ExitCode::from(if archive_get { 255 } else { 2 });
         }
     };
