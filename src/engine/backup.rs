@@ -184,19 +184,24 @@ struct VerifyingReader {
 }
 
 impl VerifyingReader {
-    fn check_pending_page(&mut self) {
+    fn check_pending_page(&mut self) -> std::io::Result<()> {
         let Some((bs, first_block)) = self.verify else {
-            return;
+            return Ok(());
         };
         if self.page.len() < bs {
-            return;
+            return Ok(());
         }
         let page_offset = self.offset - bs as u64;
         let blkno = first_block + page_offset / bs as u64;
         if let PageState::Mismatch { stored, computed } = check_page(&self.page, blkno as u32) {
             let mut again = vec![0u8; bs];
-            let unchanged =
-                self.file.read_exact_at(&mut again, page_offset).is_ok() && again == self.page;
+            // A page the server rewrote, or cut off (the file shrank), is
+            // not damage; a failed re-read is an error, not "changed".
+            let unchanged = match self.file.read_exact_at(&mut again, page_offset) {
+                Ok(()) => again == self.page,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
+                Err(e) => return Err(e),
+            };
             if unchanged {
                 let mut bad = self.bad.lock().unwrap_or_else(|p| p.into_inner());
                 bad.push(BadPage {
@@ -208,6 +213,7 @@ impl VerifyingReader {
             }
         }
         self.page.clear();
+        Ok(())
     }
 }
 
@@ -221,7 +227,7 @@ impl Read for VerifyingReader {
                 self.page.extend_from_slice(&rest[..take]);
                 rest = &rest[take..];
                 self.offset += take as u64;
-                self.check_pending_page();
+                self.check_pending_page()?;
             }
         } else {
             self.offset += n as u64;
@@ -334,7 +340,7 @@ pub async fn run(
     let started = Instant::now();
     let start_time = now_unix();
     let session = Session::connect(&opts.conninfo).await?;
-    let info = session.server_info().await?;
+    let mut info = session.server_info().await?;
     if info.in_recovery {
         return Err(EngineError::Refused(
             "the server is a standby (in recovery); back up the primary (standby backups are not supported yet)".into(),
@@ -378,11 +384,14 @@ pub async fn run(
     let start_lsn = session.backup_start(&label, opts.fast_checkpoint).await?;
 
     // Copy the data directory, pg_control last.
-    let items = datadir::walk(&opts.pgdata)?;
+    let items = datadir::walk(
+        &opts.pgdata,
+        &datadir::tablespace_version_dir(info.version_num, ctl.catalog_version),
+    )?;
     let total: u64 = items.iter().map(|i| i.size).sum();
     progress.phase("copying files", total);
     let bad = Arc::new(Mutex::new(Vec::new()));
-    let blocks_per_seg = (1u64 << 30) / info.block_size as u64;
+    let blocks_per_seg = info.segment_size / info.block_size as u64;
     let mut entries: Vec<Entry> = Vec::with_capacity(items.len());
     let mut files: Vec<&Item> = Vec::new();
     for it in &items {
@@ -486,7 +495,10 @@ pub async fn run(
             ctl_now.checkpoint
         )));
     }
-    let timeline = info.timeline;
+    let timeline = crate::pg::conn::label_start_timeline(&stop.backup_label).ok_or_else(|| {
+        EngineError::Refused("the backup_label from pg_backup_stop has no START TIMELINE".into())
+    })?;
+    info.timeline = timeline;
     let start_wal = segment_name(timeline, segno_of(start_lsn, seg_size), seg_size);
     let stop_wal = session.walfile_name(stop.lsn).await?;
 

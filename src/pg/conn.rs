@@ -31,6 +31,18 @@ pub struct ServerInfo {
     pub archive_mode: String,
     pub archive_command: String,
     pub timeline: u32,
+    /// Relation segment file size (`--with-segsize`; 1 GiB by default).
+    pub segment_size: u64,
+}
+
+/// The timeline a backup started on, from its backup_label (recovery reads
+/// the same line). Right after a promotion `pg_control_checkpoint()` still
+/// names the old timeline until the end-of-recovery checkpoint is done.
+pub fn label_start_timeline(backup_label: &str) -> Option<u32> {
+    backup_label
+        .lines()
+        .find_map(|l| l.strip_prefix("START TIMELINE:"))
+        .and_then(|t| t.trim().parse().ok())
 }
 
 #[derive(Debug, Clone)]
@@ -115,13 +127,15 @@ impl Session {
                         pg_is_in_recovery(), \
                         current_setting('archive_mode'), \
                         current_setting('archive_command'), \
-                        (SELECT timeline_id FROM pg_control_checkpoint())",
+                        (SELECT timeline_id FROM pg_control_checkpoint()), \
+                        current_setting('segment_size')",
                 &[],
             )
             .await
             .map_err(q("server facts"))?;
         let sysid: String = row.get(1);
         let seg: String = row.get(3);
+        let segsize: String = row.get(10);
         Ok(ServerInfo {
             version_num: self.version_num,
             version: row.get(0),
@@ -137,6 +151,8 @@ impl Session {
             archive_mode: row.get(7),
             archive_command: row.get(8),
             timeline: row.get::<_, i32>(9) as u32,
+            segment_size: parse_size(&segsize)
+                .ok_or_else(|| PgError::Refused(format!("bad segment_size {segsize:?}")))?,
         })
     }
 
@@ -263,6 +279,16 @@ pub fn parse_size(s: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn start_timeline_from_a_backup_label() {
+        let label = "START WAL LOCATION: 0/2000028 (file 000000020000000000000002)\n\
+                     CHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\n\
+                     BACKUP FROM: primary\nSTART TIME: 2026-11-24 09:00:00 UTC\n\
+                     LABEL: x\nSTART TIMELINE: 2\n";
+        assert_eq!(super::label_start_timeline(label), Some(2));
+        assert_eq!(super::label_start_timeline("LABEL: x\n"), None);
+    }
+
     #[test]
     fn sizes() {
         assert_eq!(super::parse_size("16MB"), Some(16 << 20));

@@ -119,7 +119,11 @@ fn meta_item(rel: String, abs: PathBuf, kind: Kind, m: &std::fs::Metadata) -> It
 }
 
 /// Everything to back up, directories before their contents, sorted.
-pub fn walk(pgdata: &Path) -> Result<Vec<Item>> {
+/// `version_dir` is this server's directory inside each tablespace
+/// (`PG_<major>_<catalog version>`, see [`tablespace_version_dir`]): as
+/// PostgreSQL's base backup, only it is copied, not an older major
+/// version's tree left by pg_upgrade or whatever else shares the location.
+pub fn walk(pgdata: &Path, version_dir: &str) -> Result<Vec<Item>> {
     let mut out = Vec::new();
     let meta = std::fs::symlink_metadata(pgdata)
         .map_err(|e| PgError::io(format!("reading data directory {}", pgdata.display()), e))?;
@@ -129,14 +133,25 @@ pub fn walk(pgdata: &Path) -> Result<Vec<Item>> {
             reason: "not a directory".into(),
         });
     }
-    walk_dir(pgdata, "", 0, &mut out)?;
+    walk_dir(pgdata, "", 0, version_dir, &mut out)?;
     out.sort_by(|a, b| a.rel.cmp(&b.rel));
     Ok(out)
 }
 
 /// `depth_class`: 0 = the data directory itself; 1 = inside a tablespace
 /// version directory or base/ or global/ (relation-file rules apply).
-fn walk_dir(dir: &Path, rel: &str, depth: usize, out: &mut Vec<Item>) -> Result<()> {
+/// The name of a server's directory inside its tablespaces.
+pub fn tablespace_version_dir(version_num: i32, catalog_version: u32) -> String {
+    format!("PG_{}_{catalog_version}", version_num / 10000)
+}
+
+fn walk_dir(
+    dir: &Path,
+    rel: &str,
+    depth: usize,
+    version_dir: &str,
+    out: &mut Vec<Item>,
+) -> Result<()> {
     let rd = match std::fs::read_dir(dir) {
         Ok(r) => r,
         // A directory removed after it was listed (a dropped database).
@@ -217,7 +232,18 @@ fn walk_dir(dir: &Path, rel: &str, depth: usize, out: &mut Vec<Item>) -> Result<
                     Kind::TablespaceLink(target),
                     &tm,
                 ));
-                walk_dir(&abs, &child, depth + 1, out)?;
+                let ours = abs.join(version_dir);
+                match std::fs::metadata(&ours) {
+                    Ok(vm) if vm.is_dir() => {
+                        let vrel = format!("{child}/{version_dir}");
+                        out.push(meta_item(vrel.clone(), ours.clone(), Kind::Dir, &vm));
+                        walk_dir(&ours, &vrel, depth + 1, version_dir, out)?;
+                    }
+                    // A tablespace this server has not written into yet.
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(PgError::io(format!("tablespace {}", ours.display()), e)),
+                }
             } else if rel.is_empty() && name == "pg_wal" {
                 // pg_wal may be a link elsewhere: keep it as a directory.
                 let tm = std::fs::metadata(&abs)
@@ -234,6 +260,10 @@ fn walk_dir(dir: &Path, rel: &str, depth: usize, out: &mut Vec<Item>) -> Result<
                 };
                 if tm.is_file() {
                     out.push(meta_item(child, abs, Kind::File, &tm));
+                } else if tm.is_dir() && rel.is_empty() && EMPTY_DIRS.contains(&name.as_str()) {
+                    // pg_stat_tmp on tmpfs, say: restored as the empty
+                    // directory PostgreSQL needs, as its base backup does.
+                    out.push(meta_item(child, abs, Kind::Dir, &tm));
                 }
             }
             continue;
@@ -245,7 +275,7 @@ fn walk_dir(dir: &Path, rel: &str, depth: usize, out: &mut Vec<Item>) -> Result<
             } else if rel.is_empty() && EMPTY_DIRS.contains(&name.as_str()) {
                 // contents excluded
             } else {
-                walk_dir(&abs, &child, depth + 1, out)?;
+                walk_dir(&abs, &child, depth + 1, version_dir, out)?;
             }
         } else if m.is_file() {
             out.push(meta_item(child, abs, Kind::File, &m));
@@ -301,6 +331,12 @@ mod tests {
     }
 
     #[test]
+    fn tablespace_version_directory_name() {
+        assert_eq!(tablespace_version_dir(150018, 202209061), "PG_15_202209061");
+        assert_eq!(tablespace_version_dir(180001, 202506291), "PG_18_202506291");
+    }
+
+    #[test]
     fn exclusions_like_pg_basebackup() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path();
@@ -337,7 +373,22 @@ mod tests {
         ] {
             std::fs::write(p.join(f), b"x").unwrap();
         }
-        let items = walk(p).unwrap();
+        // A tablespace holding this server's directory and an older major
+        // version's (pg_upgrade), and pg_notify linked elsewhere.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let ts = elsewhere.path().join("ts");
+        for dir in ["PG_15_1/5", "PG_14_0/5", "lost+found"] {
+            std::fs::create_dir_all(ts.join(dir)).unwrap();
+        }
+        std::fs::write(ts.join("PG_15_1/5/16500"), b"x").unwrap();
+        std::fs::write(ts.join("PG_14_0/5/16500"), b"x").unwrap();
+        std::fs::create_dir_all(p.join("pg_tblspc")).unwrap();
+        std::os::unix::fs::symlink(&ts, p.join("pg_tblspc/16400")).unwrap();
+        let notify = elsewhere.path().join("notify");
+        std::fs::create_dir_all(&notify).unwrap();
+        std::fs::write(notify.join("0000"), b"x").unwrap();
+        std::os::unix::fs::symlink(&notify, p.join("pg_notify")).unwrap();
+        let items = walk(p, "PG_15_1").unwrap();
         let rels: Vec<&str> = items.iter().map(|i| i.rel.as_str()).collect();
         let want = [
             "PG_VERSION",
@@ -349,8 +400,14 @@ mod tests {
             "global",
             "global/1262",
             "global/pg_control",
+            "pg_notify",
             "pg_replslot",
             "pg_stat_tmp",
+            "pg_tblspc",
+            "pg_tblspc/16400",
+            "pg_tblspc/16400/PG_15_1",
+            "pg_tblspc/16400/PG_15_1/5",
+            "pg_tblspc/16400/PG_15_1/5/16500",
             "pg_wal",
             "pg_wal/archive_status",
             "pg_xact",
@@ -363,5 +420,9 @@ mod tests {
         assert_eq!(seg("global/1262"), Some(0));
         assert_eq!(seg("global/pg_control"), None);
         assert_eq!(seg("pg_xact/0000"), None);
+        assert_eq!(seg("pg_tblspc/16400/PG_15_1/5/16500"), Some(0));
+        let kind = |r: &str| &items.iter().find(|i| i.rel == r).unwrap().kind;
+        assert!(matches!(kind("pg_notify"), Kind::Dir));
+        assert!(matches!(kind("pg_tblspc/16400"), Kind::TablespaceLink(_)));
     }
 }
