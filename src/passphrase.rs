@@ -60,40 +60,28 @@ impl PassphraseSource {
         config_file: Option<PathBuf>,
         config_command: Option<String>,
     ) -> Self {
-        let none = PassphraseSource::default();
-        if let Some(f) = flag_file {
-            return PassphraseSource {
-                file: Some(f),
-                ..none
-            };
-        }
-        if std::env::var_os("PGCAIRN_PASSPHRASE").is_some() {
+        let env_file = || std::env::var_os("PGCAIRN_PASSPHRASE_FILE").map(PathBuf::from);
+        let env_command = || std::env::var("PGCAIRN_PASSPHRASE_COMMAND").ok();
+        let (file, command) = if flag_file.is_some() {
+            (flag_file, None)
+        } else if std::env::var_os("PGCAIRN_PASSPHRASE").is_some() {
             return PassphraseSource {
                 env_value: true,
-                ..none
+                ..PassphraseSource::default()
             };
-        }
-        if let Some(f) = std::env::var_os("PGCAIRN_PASSPHRASE_FILE") {
-            return PassphraseSource {
-                file: Some(PathBuf::from(f)),
-                ..none
-            };
-        }
-        if let Ok(c) = std::env::var("PGCAIRN_PASSPHRASE_COMMAND") {
-            return PassphraseSource {
-                command: Some(c),
-                ..none
-            };
-        }
-        match config_file {
-            Some(f) => PassphraseSource {
-                file: Some(f),
-                ..none
-            },
-            None => PassphraseSource {
-                command: config_command,
-                ..none
-            },
+        } else if let Some(f) = env_file() {
+            (Some(f), None)
+        } else if let Some(c) = env_command() {
+            (None, Some(c))
+        } else if config_file.is_some() {
+            (config_file, None)
+        } else {
+            (None, config_command)
+        };
+        PassphraseSource {
+            env_value: false,
+            file,
+            command,
         }
     }
 
