@@ -48,11 +48,7 @@ pub(super) fn create(path: &std::path::Path, new: bool) -> std::io::Result<(File
     } else {
         opts.create(true).truncate(true);
     }
-    #[cfg(target_os = "linux")]
-    if let Some(f) = crate::repo::pagebuf::open_direct(&opts, path)? {
-        return Ok((f, true));
-    }
-    opts.open(path).map(|f| (f, false))
+    crate::repo::pagebuf::open_direct(&opts, path)
 }
 
 /// Where writes go: the file itself, and whether it is still direct.

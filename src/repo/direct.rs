@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::backend::{BResult, Backend, BackendError, ObjectInfo, WriteMode};
+use super::durable::{create_dirs, sync_dir};
 use super::pagebuf::{open_direct, PageBuf, PAGE};
 use super::uploads::{IncompleteUpload, UploadListing};
 
@@ -85,9 +86,7 @@ fn create_direct(dest: &Path, data: &[u8]) -> BResult<Direct> {
     // object is complete, and the collector removes stale staging files.
     let _ = std::fs::remove_file(&staging);
     if let Ok(Direct::Done) = outcome {
-        File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| failed("syncing directory", parent, e))?;
+        sync_dir(parent).map_err(|e| failed("syncing directory", parent, e))?;
     }
     outcome
 }
@@ -104,10 +103,10 @@ fn open_staging(dest: &Path, parent: &Path) -> BResult<Option<(File, PathBuf)>> 
         staging.push(format!("#{n}"));
         let staging = PathBuf::from(staging);
         match open_direct(&opts, &staging) {
-            Ok(Some(f)) => return Ok(Some((f, staging))),
-            Ok(None) => {
-                // Linux creates the file before it refuses O_DIRECT; it is
-                // ours (O_EXCL), and the fallback writes under another name.
+            Ok((f, true)) => return Ok(Some((f, staging))),
+            Ok((f, false)) => {
+                // Ours (O_EXCL); the inner backend writes under its own name.
+                drop(f);
                 match std::fs::remove_file(&staging) {
                     Err(e) if e.kind() != ErrorKind::NotFound => {
                         return Err(failed("removing", &staging, e))
@@ -118,18 +117,7 @@ fn open_staging(dest: &Path, parent: &Path) -> BResult<Option<(File, PathBuf)>> 
             Err(e) if e.kind() == ErrorKind::AlreadyExists => n += 1,
             Err(e) if e.kind() == ErrorKind::NotFound && !made_dirs => {
                 made_dirs = true;
-                let missing: Vec<&Path> = parent
-                    .ancestors()
-                    .take_while(|d| std::fs::symlink_metadata(d).is_err())
-                    .collect();
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| failed("creating directory", parent, e))?;
-                // Every directory made is durable in its parent.
-                for up in missing.iter().filter_map(|d| d.parent()) {
-                    File::open(up)
-                        .and_then(|d| d.sync_all())
-                        .map_err(|e| failed("syncing directory", up, e))?;
-                }
+                create_dirs(parent).map_err(|e| failed("creating directory", parent, e))?;
             }
             Err(e) => return Err(failed("creating", &staging, e)),
         }

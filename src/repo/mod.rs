@@ -13,6 +13,7 @@ pub mod config;
 pub mod crypto;
 #[cfg(target_os = "linux")]
 pub mod direct;
+pub mod durable;
 pub mod error;
 pub mod format;
 pub mod gc;

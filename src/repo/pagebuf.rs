@@ -11,20 +11,31 @@ use std::sync::Mutex;
 /// device.
 pub const PAGE: usize = 4096;
 
-/// Open `path` with `opts` plus `O_DIRECT`; `None` when the file system
-/// refuses it (tmpfs on older kernels, some FUSE file systems), so the
-/// caller writes the usual way instead.
-#[cfg(target_os = "linux")]
+/// Open `path` with `opts`, then switch the file to `O_DIRECT` when the
+/// file system takes it (tmpfs on older kernels and some FUSE file systems
+/// do not); says whether it did. Setting the flag after the open, rather
+/// than opening with it, means a refusal leaves no file created by a
+/// failed open behind, and the caller needs no second open.
 pub fn open_direct(
     opts: &std::fs::OpenOptions,
     path: &std::path::Path,
-) -> std::io::Result<Option<std::fs::File>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    match opts.clone().custom_flags(libc::O_DIRECT).open(path) {
-        Ok(f) => Ok(Some(f)),
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Ok(None),
-        Err(e) => Err(e),
+) -> std::io::Result<(std::fs::File, bool)> {
+    let f = opts.open(path)?;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let fd = f.as_raw_fd();
+        // SAFETY: `fd` is open for as long as `f` lives; F_GETFL/F_SETFL
+        // only read and set its status flags.
+        let direct = unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) == 0
+        };
+        if direct {
+            return Ok((f, true));
+        }
     }
+    Ok((f, false))
 }
 
 /// Bytes at a [`PAGE`]-aligned address, filled by appending. Growing past
