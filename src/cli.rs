@@ -302,8 +302,9 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub keep_archive_mode: bool,
     /// Write no recovery settings: PostgreSQL then replays only the WAL in
-    /// pg_wal (a backup taken with --include-wal).
-    #[arg(long, conflicts_with = "recovery_target")]
+    /// pg_wal (a backup taken with --include-wal). archive_mode is still
+    /// turned off unless --keep-archive-mode.
+    #[arg(long, conflicts_with_all = ["recovery_target", "target_exclusive", "target_timeline", "target_action"])]
     pub no_recovery: bool,
 }
 

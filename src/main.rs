@@ -1,5 +1,7 @@
 //! The `pgcairn` binary: parse arguments, run the command, report errors.
 
+use std::io::Write;
+
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
@@ -18,21 +20,28 @@ fn main() -> std::process::ExitCode {
     // restore_command must exit 255 on failure: 1..125 means "absent" to
     // PostgreSQL, which would end recovery early.
     let failure = if matches!(cli.command, pgcairn::cli::Command::ArchiveGet(_)) {
+        // A panic would exit 101, which also reads as "absent".
+        std::panic::set_hook(Box::new(|info| {
+            let _ = writeln!(std::io::stderr(), "pgcairn: internal error: {info}");
+            std::process::exit(255);
+        }));
         255
     } else {
         1
     };
+    // Errors are reported with writeln, not eprintln, which panics when
+    // stderr cannot be written (a full disk under PostgreSQL's log).
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("pgcairn: cannot start the runtime: {e}");
+            let _ = writeln!(std::io::stderr(), "pgcairn: cannot start the runtime: {e}");
             return std::process::ExitCode::from(failure);
         }
     };
     match rt.block_on(pgcairn::commands::run(cli)) {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
-            eprintln!("pgcairn: error: {}", one_line(&e));
+            let _ = writeln!(std::io::stderr(), "pgcairn: error: {}", one_line(&e));
             std::process::ExitCode::from(failure)
         }
     }

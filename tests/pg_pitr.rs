@@ -66,6 +66,9 @@ fn archive_push_and_point_in_time_recovery() {
     let cairn = Cairn::new(d);
     let mut src = Cluster::init(d, "src", &[]);
     archiving(&src, &cairn, d);
+    // A recovery setting left in postgresql.conf: the restore's target
+    // must still be the only one in force.
+    src.append_conf("recovery_target_name = 'stale'\n");
     src.start();
     run_ok(&mut src.pgbench(&["-i", "-s", "1", "-q"]));
     // The default backup waits for its WAL to arrive through archive-push.
@@ -115,6 +118,9 @@ fn archive_push_and_point_in_time_recovery() {
     }
 
     let restored = d.join("restored");
+    // restore_command carries this path through postgresql.auto.conf's
+    // quoting, the shell's and PostgreSQL's %-placeholders.
+    let odd_cache = d.join("cache 'q%p\\b");
     let out = cairn.ok(&[
         "restore",
         "--server",
@@ -126,7 +132,7 @@ fn archive_push_and_point_in_time_recovery() {
         "--target-action",
         "promote",
         "--cache-dir",
-        cairn.cache.to_str().unwrap(),
+        odd_cache.to_str().unwrap(),
     ]);
     println!("{out}");
     let mut r = Cluster::existing(&restored, d, "restored");
@@ -143,6 +149,35 @@ fn archive_push_and_point_in_time_recovery() {
         "{}",
         r.log_text()
     );
+
+    // Without recovery settings the copy still never archives.
+    let plain = d.join("plain");
+    let o = cairn.run(
+        &[
+            "restore",
+            "--server",
+            "main",
+            "latest",
+            plain.to_str().unwrap(),
+            "--no-recovery",
+            "--target-action",
+            "promote",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let out = cairn.ok(&[
+        "restore",
+        "--server",
+        "main",
+        "latest",
+        plain.to_str().unwrap(),
+        "--no-recovery",
+    ]);
+    assert!(out.contains("archive_mode = off"), "{out}");
+    let auto = std::fs::read_to_string(plain.join("postgresql.auto.conf")).unwrap();
+    assert!(auto.ends_with("archive_mode = 'off'\n"), "{auto}");
+    assert!(!plain.join("recovery.signal").exists());
 }
 
 #[test]
@@ -462,6 +497,43 @@ fn target_timeline_is_validated_against_archived_history() {
         "0",
         "timeline 2 forked before b"
     );
+    g.stop();
+
+    // A time target on timeline 2 after both backups ended: `latest`
+    // passes over the newer backup (timeline 1, ended after the fork) and
+    // takes the first, from which the target can be reached.
+    let second = rows[1]["id"].as_str().unwrap().to_string();
+    f.start();
+    f.psql("CREATE TABLE on_two AS SELECT 7 AS x");
+    let t2 = f.psql("SELECT clock_timestamp()");
+    f.psql("INSERT INTO on_two VALUES (8)");
+    let seg2 = f.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    f.psql("SELECT pg_switch_wal()");
+    wait_archived(&f, &seg2);
+    f.stop();
+    let via = d.join("via");
+    let out = cairn.ok(&[
+        "restore",
+        "--server",
+        "main",
+        "latest",
+        via.to_str().unwrap(),
+        "--target-time",
+        &t2,
+        "--target-action",
+        "promote",
+        "--cache-dir",
+        cairn.cache.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains(&format!("passed over backup {second}")),
+        "{out}"
+    );
+    assert!(out.contains(&format!("restored backup {first}")), "{out}");
+    let mut v = Cluster::existing(&via, d, "via");
+    v.start();
+    wait_promoted(&v);
+    assert_eq!(v.psql("SELECT count(*) FROM on_two"), "1");
 }
 
 /// archive-push accepts only what it can vouch for, and never overwrites.
@@ -541,6 +613,14 @@ fn archive_push_refuses_what_does_not_fit() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(
         text(&o).contains("WARNING") && text(&o).contains("stored as"),
+        "{}",
+        text(&o)
+    );
+    // The second content pushed again (as when a look-ahead call stored it
+    // before PostgreSQL asked): success, and the warning again.
+    let o = put(&partial, &changed);
+    assert!(
+        o.status.success() && text(&o).contains("stored as"),
         "{}",
         text(&o)
     );
@@ -755,4 +835,64 @@ fn every_recovery_target() {
     assert_eq!(restore(&["--target-name", "before_two"]), "1");
     assert_eq!(restore(&["--target-immediate"]), "");
     assert_eq!(restore(&[]), "1,2,3", "no target: the end of the archive");
+}
+
+/// Segment names mean different positions at different segment sizes.
+/// Clusters of 64 MiB segments past the first 4 GiB of WAL, and of 8 MiB
+/// segments past segment 0x100 of the first xlogid (pg_resetwal moves the
+/// WAL there), archive through PostgreSQL (segments and the `.backup`
+/// file) and recover to a point in time through archive-get.
+#[test]
+fn wal_names_at_other_segment_sizes() {
+    for (mb, start) in [
+        ("64", "000000010000000100000004"),
+        ("8", "000000010000000000000104"),
+    ] {
+        let dir = user_dir();
+        let d = dir.path();
+        let cairn = Cairn::new(d);
+        let mut src = Cluster::init(d, "src", &[&format!("--wal-segsize={mb}")]);
+        run_ok(
+            as_user(pg_bin().join("pg_resetwal"))
+                .args(["-l", start, "-D"])
+                .arg(&src.pgdata),
+        );
+        archiving(&src, &cairn, d);
+        src.start();
+        run_ok(&mut src.pgbench(&["-i", "-s", "1", "-q"]));
+        cairn.backup(&src, "main", &["--fast-checkpoint"]);
+        src.psql("CREATE TABLE keepme AS SELECT g FROM generate_series(1, 321) g");
+        let target = src.psql("SELECT clock_timestamp()");
+        src.psql("DROP TABLE keepme");
+        src.psql(
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 0, now())",
+        );
+        let seg = src.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+        assert!(seg.as_str() > start, "{seg} is not past {start}");
+        src.psql("SELECT pg_switch_wal()");
+        wait_archived(&src, &seg);
+        let restored = d.join("restored");
+        cairn.ok(&[
+            "restore",
+            "--server",
+            "main",
+            "latest",
+            restored.to_str().unwrap(),
+            "--target-time",
+            &target,
+            "--target-action",
+            "promote",
+            "--cache-dir",
+            cairn.cache.to_str().unwrap(),
+        ]);
+        let mut r = Cluster::existing(&restored, d, "restored");
+        r.start();
+        wait_promoted(&r);
+        assert_eq!(
+            r.psql("SELECT count(*) FROM keepme"),
+            "321",
+            "{mb} MiB segments"
+        );
+        assert_eq!(r.psql("SHOW wal_segment_size"), format!("{mb}MB"));
+    }
 }

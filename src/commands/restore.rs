@@ -7,8 +7,8 @@ use anyhow::Result;
 use super::progress::Bar;
 use super::{human_bytes, Ctx};
 use crate::cli::RestoreArgs;
-use crate::engine::restore::{check_timeline, run as restore, select_backup, RestoreOptions};
-use crate::pg::recovery::{sh_quote, RecoverySettings};
+use crate::engine::restore::{run as restore, select_backup, RestoreOptions};
+use crate::pg::recovery::{command_arg, RecoverySettings};
 use crate::pg::timeline::parse_timestamp;
 
 pub async fn run(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
@@ -42,26 +42,34 @@ pub async fn run(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
         .map(|l| l.parse::<crate::pg::wal::Lsn>())
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let chosen = select_backup(&repo, &server, &a.id, target_time, target_lsn).await?;
-    let name = chosen.name.clone();
-    if !a.no_recovery {
-        let requested = a.target_timeline.as_deref().or(if a.target_immediate {
-            Some("current")
-        } else {
-            None
-        });
-        check_timeline(&repo, &chosen.meta, requested).await?;
-    }
-    let recovery = if a.no_recovery {
-        None
+    let requested = a.target_timeline.as_deref().or(if a.target_immediate {
+        Some("current")
     } else {
-        Some(recovery_settings(ctx, &a, &server)?)
+        None
+    });
+    let chosen = select_backup(
+        &repo,
+        &server,
+        &a.id,
+        target_time,
+        target_lsn,
+        (!a.no_recovery).then_some(requested),
+    )
+    .await?;
+    for p in &chosen.passed_over {
+        println!("passed over backup {p}");
+    }
+    let name = chosen.backup.name.clone();
+    let recovery = match chosen.timeline {
+        Some(tl) => Some(recovery_settings(ctx, &a, &server, tl, target_lsn)?),
+        None => None,
     };
     let opts = RestoreOptions {
         target: a.target.clone(),
         jobs: a.jobs,
         tablespace_map: map,
         recovery: recovery.clone(),
+        archive_mode_off: !a.keep_archive_mode,
         delta: a.delta,
     };
     let bar = Arc::new(Bar::new());
@@ -85,26 +93,26 @@ pub async fn run(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
             s.unchanged, s.removed
         );
     }
-    match &recovery {
-        Some(r) => {
-            println!("recovery: recovery.signal and settings written to postgresql.auto.conf");
-            println!("  restore_command = {}", r.restore_command);
-            if let Some((k, v)) = &r.target {
-                println!("  {k} = '{v}'");
-            }
-            if r.archive_mode_off {
-                println!("  archive_mode = off (so this copy never archives into the production history; --keep-archive-mode to keep it)");
-            }
-            for l in &s.replaced_settings {
-                println!("  commented out: {l}");
-            }
-            if r.target.is_some() {
-                println!(
-                    "If the target is never reached, PostgreSQL stops with \"recovery ended before configured recovery target was reached\": \
-                     choose an earlier target or a backup that ended before it."
-                );
-            }
+    if let Some(r) = &recovery {
+        println!("recovery: recovery.signal and settings written to postgresql.auto.conf");
+        println!("  restore_command = {}", r.restore_command);
+        if let Some((k, v)) = &r.target {
+            println!("  {k} = '{v}'");
         }
+        println!("  recovery_target_timeline = '{}'", r.timeline);
+    }
+    if opts.archive_mode_off {
+        println!("  archive_mode = off (so this copy never archives into the production history; --keep-archive-mode to keep it)");
+    }
+    for l in &s.replaced_settings {
+        println!("  commented out: {l}");
+    }
+    match &recovery {
+        Some(r) if r.target.is_some() => println!(
+            "If the target is never reached, PostgreSQL stops with \"recovery ended before configured recovery target was reached\": \
+             choose an earlier target or a backup that ended before it."
+        ),
+        Some(_) => {}
         None if s.meta.included_wal.is_empty() => {
             println!("note: no recovery settings and this backup carries no WAL: PostgreSQL cannot reach a consistent state from it")
         }
@@ -116,15 +124,22 @@ pub async fn run(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
 }
 
 /// restore_command calls this same pgcairn with the same repository,
-/// server and settings.
-fn recovery_settings(ctx: &Ctx, a: &RestoreArgs, server: &str) -> Result<RecoverySettings> {
+/// server and settings. Target values are written as pgcairn validated
+/// them (PostgreSQL reads some numbers with C's base prefixes).
+fn recovery_settings(
+    ctx: &Ctx,
+    a: &RestoreArgs,
+    server: &str,
+    timeline: u32,
+    target_lsn: Option<crate::pg::wal::Lsn>,
+) -> Result<RecoverySettings> {
     let exe = std::env::current_exe()?;
-    let mut cmd = vec![sh_quote(&exe.to_string_lossy())];
-    cmd.push(format!("--repo {}", sh_quote(&ctx.repo_url()?)));
+    let mut cmd = vec![command_arg(&exe.to_string_lossy())];
+    cmd.push(format!("--repo {}", command_arg(&ctx.repo_url()?)));
     if let Some(c) = &ctx.global.config {
         cmd.push(format!(
             "--config {}",
-            sh_quote(&std::path::absolute(c)?.to_string_lossy())
+            command_arg(&std::path::absolute(c)?.to_string_lossy())
         ));
     }
     if let Some(d) = ctx
@@ -135,22 +150,32 @@ fn recovery_settings(ctx: &Ctx, a: &RestoreArgs, server: &str) -> Result<Recover
     {
         cmd.push(format!(
             "--cache-dir {}",
-            sh_quote(&std::path::absolute(d)?.to_string_lossy())
+            command_arg(&std::path::absolute(d)?.to_string_lossy())
         ));
     }
     if let Some(f) = &ctx.passphrase.file {
         cmd.push(format!(
             "--passphrase-file {}",
-            sh_quote(&std::path::absolute(f)?.to_string_lossy())
+            command_arg(&std::path::absolute(f)?.to_string_lossy())
         ));
     }
-    cmd.push(format!("archive-get --server {} %f %p", sh_quote(server)));
+    cmd.push(format!(
+        "archive-get --server {} %f %p",
+        command_arg(server)
+    ));
     let target = if let Some(t) = &a.target_time {
         Some(("recovery_target_time", t.clone()))
     } else if let Some(x) = &a.target_xid {
-        Some(("recovery_target_xid", x.clone()))
-    } else if let Some(l) = &a.target_lsn {
-        Some(("recovery_target_lsn", l.clone()))
+        let xid = x
+            .parse::<u64>()
+            .ok()
+            .filter(|_| !x.starts_with(['0', '+']) || x == "0");
+        let xid = xid.ok_or_else(|| {
+            anyhow::anyhow!("--target-xid {x:?}: expected a transaction id in decimal")
+        })?;
+        Some(("recovery_target_xid", xid.to_string()))
+    } else if let Some(l) = target_lsn {
+        Some(("recovery_target_lsn", l.to_string()))
     } else if let Some(n) = &a.target_name {
         Some(("recovery_target_name", n.clone()))
     } else if a.target_immediate {
@@ -158,16 +183,18 @@ fn recovery_settings(ctx: &Ctx, a: &RestoreArgs, server: &str) -> Result<Recover
     } else {
         None
     };
+    // latest and current are PostgreSQL's own words; a number is written
+    // as checked against the history files.
+    let timeline = match a.target_timeline.as_deref() {
+        None | Some("latest") if !a.target_immediate => "latest".to_string(),
+        Some("current") | None => "current".to_string(),
+        Some(_) => timeline.to_string(),
+    };
     Ok(RecoverySettings {
         restore_command: cmd.join(" "),
-        inclusive: (a.target_exclusive && target.is_some()).then_some(false),
+        inclusive: !(a.target_exclusive && target.is_some()),
         target: target.map(|(k, v)| (k.to_string(), v)),
-        // --target-immediate stays on the backup's own timeline.
-        timeline: a
-            .target_timeline
-            .clone()
-            .or_else(|| a.target_immediate.then(|| "current".to_string())),
-        action: a.target_action.clone(),
-        archive_mode_off: !a.keep_archive_mode,
+        timeline,
+        action: a.target_action.clone().unwrap_or_else(|| "pause".into()),
     })
 }

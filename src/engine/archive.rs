@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::catalog::{from_value, server_record, to_value, wal_name, FileAttrs, ServerRecord};
 use super::{EngineError, Result};
-use crate::pg::wal::WalFile;
+use crate::pg::wal::{WalFile, MIN_SEGMENT_SIZE};
 use crate::pg::walfile::check_segment;
 use crate::repo::format::now_unix;
 use crate::repo::store::{entry, manifest};
@@ -33,7 +33,10 @@ pub enum PushOutcome {
     Stored,
     /// The same content was already archived (PostgreSQL retried).
     AlreadyArchived,
-    /// A second, different `.partial` of the same name, kept beside the first.
+    /// A second, different `.partial` of the same name, kept beside the
+    /// first under this name (now or by an earlier call: either way the
+    /// caller warns, and look-ahead leaves such a file to PostgreSQL's own
+    /// call so that the warning reaches its log).
     StoredAs(String),
 }
 
@@ -69,17 +72,13 @@ pub async fn push(repo: &Repository, server: &str, path: &Path) -> Result<PushOu
         .to_string();
     let data = std::fs::read(path)
         .map_err(|e| EngineError::io(format!("reading {}", path.display()), e))?;
-    // Segment names need the segment size to parse; it comes from the header.
-    let seg_size = crate::pg::walfile::parse_header(&data)
-        .map(|h| h.segment_size as u64)
-        .filter(|s| s.is_power_of_two() && *s >= 1 << 20)
-        .unwrap_or(16 << 20);
-    let kind = WalFile::parse(&file, seg_size)
+    // The kind and timeline of a name do not depend on the segment size; a
+    // segment's number does, and check_segment reads it from the header.
+    let kind = WalFile::parse(&file, MIN_SEGMENT_SIZE)
         .ok_or_else(|| EngineError::Refused(format!("{file}: not a WAL archive file name")))?;
     let mut sysid = registered_sysid(repo, server).await?;
-    if let WalFile::Segment { timeline, segno } | WalFile::Partial { timeline, segno } = kind {
-        let h =
-            check_segment(&file, &data, timeline, segno, sysid).map_err(EngineError::Refused)?;
+    if let WalFile::Segment { .. } | WalFile::Partial { .. } = kind {
+        let h = check_segment(&file, &data, sysid).map_err(EngineError::Refused)?;
         if sysid.is_none() {
             super::backup::register_server(repo, server, h.system_identifier).await?;
             sysid = Some(h.system_identifier);
@@ -104,7 +103,7 @@ pub async fn push(repo: &Repository, server: &str, path: &Path) -> Result<PushOu
             let alt = format!("{file}.{}", &hash.to_hex()[..16]);
             name = wal_name(server, sysid, tl, &alt);
             if archived_hash(repo, &name).await? == Some(*hash.as_bytes()) {
-                return Ok(PushOutcome::AlreadyArchived);
+                return Ok(PushOutcome::StoredAs(alt));
             }
             outcome = PushOutcome::StoredAs(alt);
         } else {
@@ -150,7 +149,10 @@ pub async fn push(repo: &Repository, server: &str, path: &Path) -> Result<PushOu
         Err(RepoError::Conflict { .. })
             if archived_hash(repo, &name).await? == Some(*hash.as_bytes()) =>
         {
-            Ok(PushOutcome::AlreadyArchived)
+            Ok(match outcome {
+                PushOutcome::StoredAs(alt) => PushOutcome::StoredAs(alt),
+                _ => PushOutcome::AlreadyArchived,
+            })
         }
         Err(e) => Err(e.into()),
     }
@@ -169,8 +171,7 @@ async fn archived_hash(repo: &Repository, name: &str) -> Result<Option<[u8; 32]>
 /// Fetch `file` into `dest`. `Absent` only after a direct lookup of the
 /// file's manifest answered "not found"; every other failure is an error.
 pub async fn get(repo: &Repository, server: &str, file: &str, dest: &Path) -> Result<GetOutcome> {
-    let kind = WalFile::parse(file, 16 << 20)
-        .or_else(|| WalFile::parse(file, 1 << 30))
+    let kind = WalFile::parse(file, MIN_SEGMENT_SIZE)
         .ok_or_else(|| EngineError::Refused(format!("{file}: not a WAL archive file name")))?;
     // No cluster registered under this name: a direct lookup says so.
     let Some(sysid) = registered_sysid(repo, server).await? else {
@@ -202,8 +203,8 @@ pub async fn get(repo: &Repository, server: &str, file: &str, dest: &Path) -> Re
             .map_err(|e| EngineError::io(format!("creating {}", tmp.display()), e))?;
         let mut buf = Vec::with_capacity(e.size as usize);
         repo.restore_entry(e, &mut buf).await?;
-        if let WalFile::Segment { timeline, segno } | WalFile::Partial { timeline, segno } = kind {
-            check_segment(file, &buf, timeline, segno, Some(meta.system_identifier))
+        if let WalFile::Segment { .. } | WalFile::Partial { .. } = kind {
+            check_segment(file, &buf, Some(meta.system_identifier))
                 .map_err(EngineError::Refused)?;
         }
         f.write_all(&buf)
@@ -320,7 +321,8 @@ pub async fn push_with_lookahead(
         .await;
     let sysid = registered_sysid(repo, server).await?;
     for (n, r) in results {
-        // A file that fails here is pushed (and reported) when PostgreSQL asks.
+        // A file that fails here, or that is kept under another name, is
+        // pushed (and reported) when PostgreSQL asks.
         if let (Ok(PushOutcome::Stored | PushOutcome::AlreadyArchived), Some(sysid)) = (r, sysid) {
             if let Ok(data) = std::fs::read(wal_dir.join(&n)) {
                 write_record(&la.records, &n, &record_text(sysid, &blake3::hash(&data)))?;

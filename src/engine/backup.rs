@@ -488,7 +488,9 @@ pub async fn run(
         ));
     }
     let stop = session.backup_stop().await?;
-    let stop_time = now_unix();
+    let stopped = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     if ctl_now.checkpoint < start_lsn {
         return Err(EngineError::Refused(format!(
             "pg_control's checkpoint {} is before the backup's start {start_lsn}: the copy is not usable",
@@ -577,7 +579,8 @@ pub async fn run(
         backup_id: backup_id.clone(),
         label,
         start_time,
-        stop_time,
+        stop_time: stopped.as_secs() as i64,
+        stop_time_ns: Some(stopped.subsec_nanos()),
         start_lsn: start_lsn.to_string(),
         stop_lsn: stop.lsn.to_string(),
         start_wal,

@@ -113,6 +113,11 @@ pub struct BackupMeta {
     pub label: String,
     pub start_time: i64,
     pub stop_time: i64,
+    /// The sub-second part of `stop_time`, in nanoseconds (absent in older
+    /// manifests): a time target a fraction of a second after the end must
+    /// still tell whether the backup ended before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_time_ns: Option<u32>,
     pub start_lsn: String,
     pub stop_lsn: String,
     pub start_wal: String,
@@ -144,6 +149,14 @@ pub struct BackupMeta {
     /// WAL files carried inside this backup (`--include-wal`), as entries
     /// under `pg_wal/`.
     pub included_wal: Vec<String>,
+}
+
+impl BackupMeta {
+    /// The latest instant (Unix seconds) at which the backup may have
+    /// ended: exact with `stop_time_ns`, else the end of the recorded second.
+    pub fn ended_by(&self) -> f64 {
+        self.stop_time as f64 + self.stop_time_ns.map_or(1.0, |n| f64::from(n) / 1e9)
+    }
 }
 
 pub fn to_value<T: Serialize>(v: &T) -> Result<ciborium::Value, RepoError> {

@@ -26,6 +26,9 @@ pub struct RestoreOptions {
     pub tablespace_map: Vec<(String, String)>,
     /// Recovery settings to write (None: PostgreSQL replays pg_wal only).
     pub recovery: Option<crate::pg::recovery::RecoverySettings>,
+    /// Set archive_mode = off in the restored configuration, so the copy
+    /// never archives into the source's history.
+    pub archive_mode_off: bool,
     /// Restore over an existing data directory: rewrite only files whose
     /// content differs, delete what the backup does not have, empty pg_wal.
     pub delta: bool,
@@ -367,10 +370,8 @@ pub async fn run(
             map_lines.concat().as_bytes(),
         )?;
     }
-    let replaced_settings = match &opts.recovery {
-        Some(r) => crate::pg::recovery::write(target, r)?,
-        None => Vec::new(),
-    };
+    let replaced_settings =
+        crate::pg::recovery::write(target, opts.recovery.as_ref(), opts.archive_mode_off)?;
     for d in &dirs {
         fsync_dir(d)?;
     }
@@ -395,19 +396,59 @@ pub async fn run(
     })
 }
 
-/// The backup to restore: the one named, or for `latest` with a time or
-/// LSN target the newest backup that ended before the target (recovery
-/// cannot reach a target before its backup's end), else the newest.
+/// The backup a restore takes, and the timeline recovery follows.
+#[derive(Debug)]
+pub struct Selected {
+    pub backup: super::catalog::BackupRef,
+    /// None for a restore without recovery.
+    pub timeline: Option<u32>,
+    /// Newer backups passed over because they cannot reach the target
+    /// timeline, each with the reason.
+    pub passed_over: Vec<String>,
+}
+
+/// The backup to restore: the one named, or for `latest` the newest backup
+/// (with a time or LSN target: the newest that ended before the target,
+/// since recovery cannot stop before its backup's end, and from which the
+/// target timeline can be reached).
+/// `timeline`: None for a restore without recovery, else the requested
+/// recovery_target_timeline (None: latest).
 pub async fn select_backup(
     repo: &Repository,
     server: &str,
     id: &str,
     target_time: Option<f64>,
     target_lsn: Option<crate::pg::wal::Lsn>,
-) -> Result<super::catalog::BackupRef> {
+    timeline: Option<Option<&str>>,
+) -> Result<Selected> {
     let all = super::catalog::list_backups(repo, Some(server)).await?;
-    if id != "latest" {
-        return all
+    let candidates: Vec<_> = if id == "latest" {
+        let n = all.len();
+        let ended_before = |b: &super::catalog::BackupRef| {
+            let by_time = target_time.is_none_or(|t| b.meta.ended_by() <= t);
+            let by_lsn = target_lsn.is_none_or(|t| {
+                b.meta
+                    .stop_lsn
+                    .parse::<crate::pg::wal::Lsn>()
+                    .is_ok_and(|s| s <= t)
+            });
+            by_time && by_lsn
+        };
+        let mut c: Vec<_> = all.into_iter().rev().filter(ended_before).collect();
+        // Without a time or LSN target, `latest` is the newest backup.
+        if target_time.is_none() && target_lsn.is_none() {
+            c.truncate(1);
+        }
+        if c.is_empty() {
+            return Err(EngineError::Refused(if n == 0 {
+                format!("server {server} has no backups in {}", repo.location())
+            } else {
+                "no backup ended before the recovery target; choose a later target".to_string()
+            }));
+        }
+        c
+    } else {
+        let b = all
             .into_iter()
             .find(|b| b.meta.backup_id == id)
             .ok_or_else(|| {
@@ -415,32 +456,51 @@ pub async fn select_backup(
                     "no backup {id} of server {server} in {} (see `pgcairn list`)",
                     repo.location()
                 ))
-            });
-    }
-    let ended_before = |b: &super::catalog::BackupRef| {
-        let by_time = target_time.is_none_or(|t| (b.meta.stop_time as f64) < t);
-        let by_lsn = target_lsn.is_none_or(|t| {
-            b.meta
-                .stop_lsn
-                .parse::<crate::pg::wal::Lsn>()
-                .is_ok_and(|s| s <= t)
-        });
-        by_time && by_lsn
+            })?;
+        vec![b]
     };
-    let n = all.len();
-    all.into_iter().rev().find(ended_before).ok_or_else(|| {
-        EngineError::Refused(if n == 0 {
-            format!("server {server} has no backups in {}", repo.location())
-        } else {
-            "no backup ended before the recovery target; choose a later target".to_string()
-        })
-    })
+    let Some(requested) = timeline else {
+        let backup = candidates
+            .into_iter()
+            .next()
+            .expect("at least one candidate");
+        return Ok(Selected {
+            backup,
+            timeline: None,
+            passed_over: Vec::new(),
+        });
+    };
+    let mut passed_over = Vec::new();
+    let mut first_refusal = None;
+    for backup in candidates {
+        match check_timeline(repo, &backup.meta, requested).await {
+            Ok(tl) => {
+                return Ok(Selected {
+                    backup,
+                    timeline: Some(tl),
+                    passed_over,
+                })
+            }
+            // Only a refusal moves on to an older backup; a failed read is
+            // no answer about reachability.
+            Err(EngineError::Refused(why)) => {
+                passed_over.push(format!("{}: {why}", backup.meta.backup_id));
+                first_refusal.get_or_insert(why);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(EngineError::Refused(first_refusal.unwrap_or_else(|| {
+        "no backup can reach the target timeline".into()
+    })))
 }
 
 /// Check, before anything is written, that the recovery target timeline
 /// can be reached from the backup: per the archived history files, the
 /// target timeline must descend from the backup's and have forked after the
-/// backup ended. Returns the timeline recovery will follow.
+/// backup ended. Returns the timeline recovery will follow. `latest` is
+/// found as PostgreSQL finds it: the backup's timeline, then each next one
+/// for as long as its history file exists.
 pub async fn check_timeline(
     repo: &Repository,
     meta: &BackupMeta,
@@ -448,35 +508,40 @@ pub async fn check_timeline(
 ) -> Result<u32> {
     use crate::pg::timeline::{parse_history, reachable};
     let prefix = super::catalog::wal_prefix(&meta.server, meta.system_identifier);
-    let mut histories: Vec<(u32, String)> = Vec::new();
+    let mut histories: std::collections::BTreeMap<u32, String> = Default::default();
     for name in repo.list_manifests(&prefix).await? {
         if let Some(file) = name.rsplit('/').next() {
             if let Some(tl) = file
                 .strip_suffix(".history")
                 .and_then(|t| u32::from_str_radix(t, 16).ok())
             {
-                histories.push((tl, name.clone()));
+                histories.insert(tl, name.clone());
             }
         }
     }
     let target = match requested {
-        None | Some("latest") => histories
-            .iter()
-            .map(|h| h.0)
-            .max()
-            .unwrap_or(meta.timeline)
-            .max(meta.timeline),
+        None | Some("latest") => {
+            let mut tl = meta.timeline;
+            while histories.contains_key(&(tl + 1)) {
+                tl += 1;
+            }
+            tl
+        }
         Some("current") => meta.timeline,
-        Some(n) => n.parse::<u32>().map_err(|_| {
-            EngineError::Refused(format!(
-                "--target-timeline {n:?}: use latest, current or a number"
-            ))
-        })?,
+        Some(n) => n
+            .parse::<u32>()
+            .ok()
+            .filter(|t| *t >= 1 && !n.starts_with(['0', '+']))
+            .ok_or_else(|| {
+                EngineError::Refused(format!(
+                    "--target-timeline {n:?}: use latest, current or a timeline number (decimal)"
+                ))
+            })?,
     };
     if target == meta.timeline {
         return Ok(target);
     }
-    let Some((_, name)) = histories.iter().find(|h| h.0 == target) else {
+    let Some(name) = histories.get(&target) else {
         return Err(EngineError::Refused(format!(
             "timeline {target} has no history file in the repository; it cannot be recovered to"
         )));

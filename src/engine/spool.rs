@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use super::archive::{get, registered_sysid, write_record, GetOutcome};
 use super::{EngineError, Result};
-use crate::pg::wal::{segment_name, WalFile};
+use crate::pg::wal::{is_segment_size, segment_name, WalFile};
 use crate::pg::walfile::check_segment;
 use crate::repo::Repository;
 
@@ -49,8 +49,7 @@ impl Spool {
 
     /// The segments after `file` that the spool should hold.
     fn window(&self, file: &str, seg_size: u64) -> Vec<String> {
-        // PostgreSQL's segment sizes: powers of two from 1 MiB to 1 GiB.
-        if !seg_size.is_power_of_two() || !((1 << 20)..=(1 << 30)).contains(&seg_size) {
+        if !is_segment_size(seg_size) {
             return Vec::new();
         }
         match WalFile::parse(file, seg_size) {
@@ -129,12 +128,7 @@ fn from_spool(spool: &Spool, file: &str, dest: &Path) -> Result<bool> {
         return Ok(false);
     };
     let ok_hash = blake3::hash(&data).to_hex().as_str() == hash;
-    let ok_header = match WalFile::parse(file, data.len() as u64) {
-        Some(WalFile::Segment { timeline, segno }) => {
-            check_segment(file, &data, timeline, segno, Some(sysid)).is_ok()
-        }
-        _ => false,
-    };
+    let ok_header = check_segment(file, &data, Some(sysid)).is_ok();
     let _ = std::fs::remove_file(&side);
     if !(ok_hash && ok_header) {
         let _ = std::fs::remove_file(&p);

@@ -1,24 +1,37 @@
 //! Recovery settings for a restored data directory: `recovery.signal` and a
 //! block appended to `postgresql.auto.conf` (earlier recovery settings there
-//! are commented out, so the restore's own are the ones in force).
+//! are commented out, and every one is given a value, so the restore's own
+//! are the ones in force).
 
 use std::io::Write;
 use std::path::Path;
 
 use super::{PgError, Result};
 
-#[derive(Debug, Clone, Default)]
+/// The recovery configuration a restore writes. Every setting in
+/// [`REPLACED`] gets an explicit value, so a stale one in the restored
+/// `postgresql.conf` (where PostgreSQL's documentation tells users to put
+/// them) cannot change where recovery stops.
+#[derive(Debug, Clone)]
 pub struct RecoverySettings {
     pub restore_command: String,
     /// One of recovery_target_time / _xid / _lsn / _name, or
     /// recovery_target = 'immediate', as (setting, value).
     pub target: Option<(String, String)>,
-    pub inclusive: Option<bool>,
-    pub timeline: Option<String>,
-    pub action: Option<String>,
-    /// Set archive_mode = off in the restored configuration.
-    pub archive_mode_off: bool,
+    pub inclusive: bool,
+    /// `latest`, `current` or a timeline number in decimal.
+    pub timeline: String,
+    pub action: String,
 }
+
+/// The recovery target settings; PostgreSQL refuses more than one non-empty.
+const TARGETS: &[&str] = &[
+    "recovery_target",
+    "recovery_target_time",
+    "recovery_target_xid",
+    "recovery_target_lsn",
+    "recovery_target_name",
+];
 
 /// Settings a restore replaces.
 const REPLACED: &[&str] = &[
@@ -35,14 +48,35 @@ const REPLACED: &[&str] = &[
     "archive_cleanup_command",
 ];
 
-/// Quote a value for postgresql.conf.
+/// Quote a value for postgresql.conf. PostgreSQL's configuration lexer
+/// reads a backslash in a quoted string as an escape, so backslashes are
+/// doubled as well as quotes, and line breaks are written as escapes.
 pub fn conf_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
 }
 
 /// Quote an argument for the shell that runs restore_command.
 pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Quote a literal argument of restore_command: for the shell, and with
+/// `%` doubled, since PostgreSQL replaces `%f`, `%p` and `%r` anywhere in
+/// the command (and from version 16 refuses any other `%x`).
+pub fn command_arg(s: &str) -> String {
+    sh_quote(s).replace('%', "%%")
 }
 
 fn setting_name(line: &str) -> Option<String> {
@@ -56,8 +90,19 @@ fn setting_name(line: &str) -> Option<String> {
     Some(l[..end].to_ascii_lowercase())
 }
 
-/// Write recovery.signal and the settings; returns the lines commented out.
-pub fn write(pgdata: &Path, s: &RecoverySettings) -> Result<Vec<String>> {
+/// Write the restore's settings into `postgresql.auto.conf`: with
+/// `recovery`, recovery.signal and the recovery settings; with
+/// `archive_mode_off`, archive_mode = off (also for a restore without
+/// recovery, whose copy would otherwise archive on the source's timeline).
+/// Earlier lines for the same settings are commented out; returns them.
+pub fn write(
+    pgdata: &Path,
+    recovery: Option<&RecoverySettings>,
+    archive_mode_off: bool,
+) -> Result<Vec<String>> {
+    if recovery.is_none() && !archive_mode_off {
+        return Ok(Vec::new());
+    }
     let auto = pgdata.join("postgresql.auto.conf");
     let old = match std::fs::read_to_string(&auto) {
         Ok(t) => t,
@@ -68,7 +113,8 @@ pub fn write(pgdata: &Path, s: &RecoverySettings) -> Result<Vec<String>> {
     let mut commented = Vec::new();
     for line in old.lines() {
         let replace = setting_name(line).is_some_and(|n| {
-            REPLACED.contains(&n.as_str()) || (s.archive_mode_off && n == "archive_mode")
+            (recovery.is_some() && REPLACED.contains(&n.as_str()))
+                || (archive_mode_off && n == "archive_mode")
         });
         if replace {
             commented.push(line.to_string());
@@ -77,31 +123,35 @@ pub fn write(pgdata: &Path, s: &RecoverySettings) -> Result<Vec<String>> {
         out.push_str(line);
         out.push('\n');
     }
-    out.push_str("# Recovery settings written by pgcairn restore\n");
-    out.push_str(&format!(
-        "restore_command = {}\n",
-        conf_quote(&s.restore_command)
-    ));
-    if let Some((k, v)) = &s.target {
-        out.push_str(&format!("{k} = {}\n", conf_quote(v)));
+    out.push_str("# Settings written by pgcairn restore\n");
+    if let Some(s) = recovery {
+        let mut set = |k: &str, v: &str| out.push_str(&format!("{k} = {}\n", conf_quote(v)));
+        set("restore_command", &s.restore_command);
+        // The unused targets first, emptied: PostgreSQL applies settings in
+        // order and refuses a second target while one is set.
+        let chosen = s.target.as_ref().map(|(k, _)| k.as_str());
+        for t in TARGETS.iter().filter(|t| Some(**t) != chosen) {
+            set(t, "");
+        }
+        if let Some((k, v)) = &s.target {
+            set(k, v);
+        }
+        set(
+            "recovery_target_inclusive",
+            if s.inclusive { "on" } else { "off" },
+        );
+        set("recovery_target_timeline", &s.timeline);
+        set("recovery_target_action", &s.action);
+        set("recovery_end_command", "");
+        set("archive_cleanup_command", "");
     }
-    if let Some(i) = s.inclusive {
-        out.push_str(&format!(
-            "recovery_target_inclusive = {}\n",
-            if i { "on" } else { "off" }
-        ));
-    }
-    if let Some(t) = &s.timeline {
-        out.push_str(&format!("recovery_target_timeline = {}\n", conf_quote(t)));
-    }
-    if let Some(a) = &s.action {
-        out.push_str(&format!("recovery_target_action = {}\n", conf_quote(a)));
-    }
-    if s.archive_mode_off {
+    if archive_mode_off {
         out.push_str("archive_mode = 'off'\n");
     }
     write_synced(&auto, out.as_bytes())?;
-    write_synced(&pgdata.join("recovery.signal"), b"")?;
+    if recovery.is_some() {
+        write_synced(&pgdata.join("recovery.signal"), b"")?;
+    }
     Ok(commented)
 }
 
@@ -122,6 +172,50 @@ fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// PostgreSQL's configuration lexer, for quoted values: `''` is a
+    /// quote, a backslash escapes the next character (`\n` a line feed).
+    fn unquote(v: &str) -> Option<String> {
+        let mut out = String::new();
+        let mut it = v.strip_prefix('\'')?.chars().peekable();
+        while let Some(c) = it.next() {
+            match c {
+                '\'' if it.peek() == Some(&'\'') => {
+                    it.next();
+                    out.push('\'');
+                }
+                '\'' => return it.next().is_none().then_some(out),
+                '\\' => match it.next()? {
+                    'n' => out.push('\n'),
+                    'r' => out.push('\r'),
+                    c => out.push(c),
+                },
+                '\n' => return None,
+                c => out.push(c),
+            }
+        }
+        None
+    }
+
+    fn value_of(conf: &str, key: &str) -> Option<String> {
+        let line = conf
+            .lines()
+            .rfind(|l| setting_name(l).as_deref() == Some(key))?;
+        unquote(line.split_once(" = ")?.1)
+    }
+
+    fn settings(target: Option<(&str, &str)>) -> RecoverySettings {
+        RecoverySettings {
+            restore_command: format!(
+                "pgcairn --repo {} archive-get %f %p",
+                command_arg("/srv/bob's 100% \\ backups")
+            ),
+            target: target.map(|(k, v)| (k.to_string(), v.to_string())),
+            inclusive: true,
+            timeline: "latest".into(),
+            action: "promote".into(),
+        }
+    }
+
     #[test]
     fn replaces_old_recovery_settings() {
         let d = tempfile::tempdir().unwrap();
@@ -130,25 +224,70 @@ mod tests {
             "work_mem = '8MB'\nrestore_command = 'cp /x/%f %p'\narchive_mode = on\n# recovery_target_time = 'x'\n",
         )
         .unwrap();
-        let s = RecoverySettings {
-            restore_command: "pgcairn --repo 'it''s' archive-get %f %p".into(),
-            target: Some((
-                "recovery_target_time".into(),
-                "2026-11-22 10:00:00+00".into(),
-            )),
-            action: Some("promote".into()),
-            archive_mode_off: true,
-            ..Default::default()
-        };
-        let commented = write(d.path(), &s).unwrap();
+        let s = settings(Some(("recovery_target_time", "2026-11-22 10:00:00+00")));
+        let commented = write(d.path(), Some(&s), true).unwrap();
         assert_eq!(commented.len(), 2);
         let t = std::fs::read_to_string(d.path().join("postgresql.auto.conf")).unwrap();
         assert!(t.contains("work_mem = '8MB'\n"));
         assert!(t.contains("# pgcairn restore: restore_command = 'cp /x/%f %p'"));
-        assert!(t.contains("restore_command = 'pgcairn --repo ''it''''s'' archive-get %f %p'"));
-        assert!(t.contains("recovery_target_time = '2026-11-22 10:00:00+00'"));
+        assert_eq!(value_of(&t, "restore_command").unwrap(), s.restore_command);
+        assert_eq!(
+            value_of(&t, "recovery_target_time").unwrap(),
+            "2026-11-22 10:00:00+00"
+        );
         assert!(t.contains("archive_mode = 'off'"));
         assert!(d.path().join("recovery.signal").exists());
         assert_eq!(sh_quote("a'b"), "'a'\\''b'");
+    }
+
+    /// Every replaced setting gets a value, so one left in postgresql.conf
+    /// cannot add a second target or change where recovery stops; the
+    /// unused targets come before the chosen one.
+    #[test]
+    fn every_replaced_setting_is_given_a_value() {
+        let d = tempfile::tempdir().unwrap();
+        let s = settings(Some(("recovery_target_name", "pre\\migration 'x'\nnext")));
+        write(d.path(), Some(&s), false).unwrap();
+        let t = std::fs::read_to_string(d.path().join("postgresql.auto.conf")).unwrap();
+        for k in REPLACED {
+            assert!(value_of(&t, k).is_some(), "{k} missing in {t}");
+        }
+        assert_eq!(
+            value_of(&t, "recovery_target_name").unwrap(),
+            "pre\\migration 'x'\nnext"
+        );
+        assert_eq!(value_of(&t, "recovery_target_xid").unwrap(), "");
+        let pos = |k: &str| t.find(&format!("\n{k} = ")).unwrap();
+        for k in TARGETS.iter().filter(|k| **k != "recovery_target_name") {
+            assert!(pos(k) < pos("recovery_target_name"), "{k} after the target");
+        }
+        assert_eq!(value_of(&t, "recovery_target_inclusive").unwrap(), "on");
+        assert_eq!(value_of(&t, "archive_cleanup_command").unwrap(), "");
+        assert!(!t.contains("archive_mode"));
+    }
+
+    /// Without recovery, only archive_mode is written, and no signal file.
+    #[test]
+    fn archive_mode_off_without_recovery() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("postgresql.auto.conf"),
+            "archive_mode = 'on'\nrestore_command = 'x'\n",
+        )
+        .unwrap();
+        let commented = write(d.path(), None, true).unwrap();
+        assert_eq!(commented, vec!["archive_mode = 'on'".to_string()]);
+        let t = std::fs::read_to_string(d.path().join("postgresql.auto.conf")).unwrap();
+        assert_eq!(value_of(&t, "archive_mode").unwrap(), "off");
+        assert_eq!(value_of(&t, "restore_command").unwrap(), "x");
+        assert!(!d.path().join("recovery.signal").exists());
+        let e = tempfile::tempdir().unwrap();
+        assert!(write(e.path(), None, false).unwrap().is_empty());
+        assert!(!e.path().join("postgresql.auto.conf").exists());
+    }
+
+    #[test]
+    fn restore_command_arguments_keep_percent_signs() {
+        assert_eq!(command_arg("/a%b"), "'/a%%b'");
     }
 }

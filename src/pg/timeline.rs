@@ -84,18 +84,35 @@ pub fn parse_timestamp(s: &str) -> Result<f64, String> {
     let h: i64 = h.parse().map_err(|_| bad())?;
     let mi: i64 = mi.parse().map_err(|_| bad())?;
     let sec: f64 = sec.parse().map_err(|_| bad())?;
+    // PostgreSQL refuses what does not exist (but takes 24:00:00 and a
+    // leap second); so does pgcairn, rather than choose a backup by it.
+    let valid_date = u32::try_from(*mo)
+        .ok()
+        .zip(u32::try_from(*da).ok())
+        .zip(i32::try_from(*y).ok())
+        .is_some_and(|((m, d), y)| chrono::NaiveDate::from_ymd_opt(y, m, d).is_some());
+    let valid_time = (0..=23).contains(&h) && (0..=59).contains(&mi) && (0.0..61.0).contains(&sec)
+        || (h == 24 && mi == 0 && sec == 0.0);
+    if !valid_date || !valid_time {
+        return Err(format!("{s:?}: no such date or time"));
+    }
     let offset = if zone == "Z" {
         0
     } else {
         let sign = if zone.starts_with('-') { -1 } else { 1 };
         let z = &zone[1..];
+        // As PostgreSQL reads zones: +HH:MM, or digits run together, where
+        // three or more (+530, +0530) end in the minutes.
         let (zh, zm) = match z.split_once(':') {
             Some((a, b)) => (a, b),
-            None if z.len() == 4 => z.split_at(2),
+            None if z.len() >= 3 => z.split_at(z.len() - 2),
             None => (z, "0"),
         };
         let zh: i64 = zh.parse().map_err(|_| bad())?;
         let zm: i64 = zm.parse().map_err(|_| bad())?;
+        if zh > 15 || !(0..60).contains(&zm) || zh < 0 {
+            return Err(format!("{s:?}: no such time zone offset"));
+        }
         sign * (zh * 3600 + zm * 60)
     };
     // Days from civil (proleptic Gregorian).
@@ -153,5 +170,23 @@ mod tests {
         assert!(parse_timestamp("2026-11-22 13:31:20")
             .unwrap_err()
             .contains("time zone"));
+        // Run-together zones end in the minutes, as PostgreSQL reads them.
+        assert_eq!(
+            parse_timestamp("2026-11-22 19:01:20+530").unwrap(),
+            1_795_354_280.0
+        );
+        assert_eq!(
+            parse_timestamp("2026-11-22 19:01:20+0530").unwrap(),
+            1_795_354_280.0
+        );
+        for bad in [
+            "2026-02-30 10:00:00+00",
+            "2026-11-22 25:00:00+00",
+            "2026-11-22 10:61:00+00",
+            "2026-11-22 10:00:00+16",
+        ] {
+            assert!(parse_timestamp(bad).is_err(), "{bad} accepted");
+        }
+        assert!(parse_timestamp("2024-02-29 24:00:00+00").is_ok());
     }
 }

@@ -52,7 +52,17 @@ fn hex8(s: &str) -> Option<u32> {
 
 /// Segments per "xlogid" (the middle 8 hex digits count these).
 pub fn segments_per_id(seg_size: u64) -> u64 {
-    0x1_0000_0000 / seg_size
+    0x1_0000_0000 / seg_size.clamp(1, 0x1_0000_0000)
+}
+
+/// The smallest segment size PostgreSQL allows. A name parsed with it is
+/// accepted whatever the cluster's segment size, and its kind and timeline
+/// are right; its segment number is right only with the real size.
+pub const MIN_SEGMENT_SIZE: u64 = 1 << 20;
+
+/// PostgreSQL's segment sizes: powers of two from 1 MiB to 1 GiB.
+pub fn is_segment_size(s: u64) -> bool {
+    s.is_power_of_two() && (MIN_SEGMENT_SIZE..=1 << 30).contains(&s)
 }
 
 /// The segment name of `segno` on `timeline`.

@@ -2,6 +2,8 @@
 //! archive-push checks before it accepts a segment, and archive-get before
 //! it hands one to PostgreSQL.
 
+use super::wal::{is_segment_size, WalFile};
+
 /// Long page header: magic u16, info u16, timeline u32, page address u64,
 /// remaining length u32, padding, system identifier u64, segment size u32,
 /// block size u32.
@@ -56,13 +58,12 @@ pub fn parse_header(b: &[u8]) -> Option<WalHeader> {
 }
 
 /// Check a segment (or `.partial`) against its name: long header, known
-/// magic, page address of segment `segno`, size equal to the segment size,
-/// and (if known) the cluster's system identifier. Returns the header.
+/// magic, size equal to the segment size the header states, page address
+/// of the segment the name means at that size, and (if known) the
+/// cluster's system identifier. Returns the header.
 pub fn check_segment(
     name: &str,
     data: &[u8],
-    timeline: u32,
-    segno: u64,
     system_identifier: Option<u64>,
 ) -> Result<WalHeader, String> {
     let h = parse_header(data).ok_or_else(|| {
@@ -83,13 +84,24 @@ pub fn check_segment(
         ));
     }
     let seg = h.segment_size as u64;
-    if seg == 0 || !seg.is_power_of_two() || data.len() as u64 != seg {
+    if !is_segment_size(seg) || data.len() as u64 != seg {
         return Err(format!(
             "{name}: {} bytes, but its header says segments are {} bytes (a truncated or padded copy?)",
             data.len(),
             seg
         ));
     }
+    // The segment number a name means depends on the segment size.
+    let (timeline, segno) = match WalFile::parse(name, seg) {
+        Some(WalFile::Segment { timeline, segno } | WalFile::Partial { timeline, segno }) => {
+            (timeline, segno)
+        }
+        _ => {
+            return Err(format!(
+                "{name}: not a WAL segment name for the {seg}-byte segments its header states"
+            ))
+        }
+    };
     if h.page_address != segno * seg {
         return Err(format!(
             "{name}: the first page belongs at WAL position {:X}/{:X}, not at this file name's {:X}/{:X}",
