@@ -215,6 +215,24 @@ fn task(msg: String) -> RepoError {
     RepoError::Task(msg)
 }
 
+/// Before each step that writes or deletes: a collector that stalled for a
+/// grace period (a suspended VM) may have been succeeded by another, and
+/// must not act on what it listed before the stall.
+async fn in_time(lease: Option<&Lease>, grace: i64, dry_run: bool) -> Result<()> {
+    let Some(l) = lease.filter(|_| !dry_run) else {
+        return Ok(());
+    };
+    l.check().await.map_err(|e| match e {
+        RepoError::LeaseExpired { age_secs, .. } => RepoError::invalid(
+            "gc",
+            format!(
+                "this collection has run for {age_secs} s, longer than the grace period ({grace} s); it stopped before its next write or delete, rerun it"
+            ),
+        ),
+        other => other,
+    })
+}
+
 impl Repository {
     /// Collect garbage (see the module documentation). Errors before the
     /// first delete leave the repository untouched; a run killed at any
@@ -393,12 +411,19 @@ impl Repository {
             .collect();
         let (due, pending): (Vec<Mark>, Vec<Mark>) =
             marks.into_iter().partition(|m| now - m.modified > grace);
+        let still_condemned: HashSet<PackId> = pending
+            .iter()
+            .flat_map(|m| m.doc.packs.iter().map(|p| p.pack))
+            .collect();
         let mut swept: HashSet<PackId> = HashSet::new();
         if !due.is_empty() {
             progress.phase("sweeping", 0);
+            // A pack a pending mark also lists (condemned again after an
+            // old mark could not be deleted) waits for that mark's grace.
             let mut sweep: HashSet<PackId> = due
                 .iter()
                 .flat_map(|m| m.doc.packs.iter().map(|p| p.pack))
+                .filter(|p| !still_condemned.contains(p))
                 .collect();
             let kept = self.still_needed(&sweep, &condemned_all, &stored, &live, &view)?;
             for p in &kept {
@@ -406,29 +431,17 @@ impl Repository {
                 report.packs_kept.push(pack_object(p));
             }
             report.packs_kept.sort();
-            if !opts.dry_run {
-                if let Some(l) = lease {
-                    // A collector that stalled for a grace period must not
-                    // act on what it listed before the stall.
-                    l.check().await.map_err(|e| match e {
-                        RepoError::LeaseExpired { age_secs, .. } => RepoError::invalid(
-                            "gc",
-                            format!(
-                                "this collection has run for {age_secs} s, longer than the grace period ({grace} s); it stopped before deleting anything, rerun it"
-                            ),
-                        ),
-                        other => other,
-                    })?;
-                }
-            }
+            in_time(lease, grace, opts.dry_run).await?;
             let rewrite = self
                 .write_compacted(&view, &sweep, opts.dry_run, report)
                 .await?;
             stop(GcStep::IndexWritten, stopped)?;
+            in_time(lease, grace, opts.dry_run).await?;
             let pinned = self
                 .remove_superseded(&view, &rewrite, opts.dry_run, report)
                 .await?;
             stop(GcStep::IndexRemoved, stopped)?;
+            in_time(lease, grace, opts.dry_run).await?;
             for pack in sweep.iter().filter(|p| !pinned.contains(p)) {
                 let Some(info) = stored.get(pack) else {
                     continue; // deleted by an earlier, interrupted sweep
@@ -449,9 +462,11 @@ impl Repository {
             stop(GcStep::Swept, stopped)?;
             stored.retain(|p, _| !swept.contains(p));
         } else if self.small_objects(&view) >= SMALL_INDEX_OBJECTS {
+            in_time(lease, grace, opts.dry_run).await?;
             let rewrite = self
                 .write_compacted(&view, &HashSet::new(), opts.dry_run, report)
                 .await?;
+            in_time(lease, grace, opts.dry_run).await?;
             self.remove_superseded(&view, &rewrite, opts.dry_run, report)
                 .await?;
         }
@@ -477,10 +492,6 @@ impl Repository {
             inner.index.refresh().await?;
             self.index_view(&live)?
         };
-        let still_condemned: HashSet<PackId> = pending
-            .iter()
-            .flat_map(|m| m.doc.packs.iter().map(|p| p.pack))
-            .collect();
         let mut condemn: BTreeMap<PackId, bool> = BTreeMap::new(); // pack -> repack?
         for (pack, info) in &stored {
             if now - info.modified <= grace || still_condemned.contains(pack) {
@@ -750,6 +761,7 @@ impl Repository {
             .flat_map(|(name, _)| view.object_packs[name].iter().copied())
             .collect();
         let mut emitted: HashSet<PackId> = HashSet::new();
+        let mut written: HashSet<String> = HashSet::new();
         let mut batch: Vec<(PackInfo, Vec<PackEntry>)> = Vec::new();
         let mut batch_entries = 0usize;
         for name in &rewrite {
@@ -788,16 +800,25 @@ impl Repository {
                 batch_entries += p.1.len();
                 batch.push(p);
                 if batch_entries >= COMPACT_ENTRIES {
-                    self.put_index(std::mem::take(&mut batch), dry_run, report)
-                        .await?;
+                    written.extend(
+                        self.put_index(std::mem::take(&mut batch), dry_run, report)
+                            .await?,
+                    );
                     batch_entries = 0;
                 }
             }
         }
         if !batch.is_empty() {
-            self.put_index(batch, dry_run, report).await?;
+            written.extend(self.put_index(batch, dry_run, report).await?);
         }
-        Ok(rewrite.into_iter().cloned().collect())
+        // An object written now may carry the name of one it replaces (the
+        // same entries, sealed the same way, in the same second: possible
+        // without encryption after an interrupted run); it must stay.
+        Ok(rewrite
+            .into_iter()
+            .filter(|n| !written.contains(*n))
+            .cloned()
+            .collect())
     }
 
     /// Delete the index objects [`Self::write_compacted`] replaced. Returns
@@ -825,15 +846,16 @@ impl Repository {
         Ok(pinned)
     }
 
+    /// Write one index object; returns its name (None in a dry run).
     async fn put_index(
         &self,
         packs: Vec<(PackInfo, Vec<PackEntry>)>,
         dry_run: bool,
         report: &mut GcReport,
-    ) -> Result<()> {
+    ) -> Result<Option<String>> {
         report.index_objects_written += 1;
         if dry_run {
-            return Ok(());
+            return Ok(None);
         }
         let inner = self.inner.clone();
         let page = inner.config.index_page_entries as usize;
@@ -847,7 +869,7 @@ impl Repository {
             Bytes::from(bytes),
         )
         .await?;
-        Ok(())
+        Ok(Some(name))
     }
 
     /// Copy live chunks out of mostly-garbage packs into new packs, through
