@@ -202,6 +202,9 @@ fn verify_names_damage_and_what_still_restores() {
     assert_eq!(all.len(), 2);
     let b = all[1].clone();
     switch_and_wait(&src);
+    // WAL past B's stop, which recovery to the latest point reads.
+    src.psql("CREATE TABLE after_b AS SELECT 1 AS x");
+    switch_and_wait(&src);
     src.stop();
 
     // B's largest new pack holds b_data; its new index objects name it.
@@ -335,6 +338,71 @@ fn verify_names_damage_and_what_still_restores() {
     );
 
     gap_between_backups_is_named(&cairn, d, &a, &b);
+    wal_after_the_backups_is_checked(&cairn, d, &b);
+}
+
+/// A server's verify reads its WAL past the last backup too (recovery to
+/// the latest point needs it), and names a timeline without its history.
+fn wal_after_the_backups_is_checked(cairn: &Cairn, d: &Path, b: &str) {
+    let c = on_copy(cairn, d, "wal-after");
+    let m: serde_json::Value =
+        serde_json::from_str(&c.ok(&["show", "--server", "main", b, "--format", "json"])).unwrap();
+    let stop = m["stop_wal"].as_str().unwrap().to_string();
+    let after = files(&PathBuf::from(&c.repo), "manifests/wal")
+        .into_iter()
+        .find(|w| {
+            let f = w.rsplit('/').next().unwrap();
+            f.len() == 24 && f > stop.as_str()
+        })
+        .unwrap_or_else(|| panic!("no segment archived after {stop}"));
+    let (o, v) = verify_json(&c, &["--server", "main"]);
+    assert_eq!(o.status.code(), Some(0), "{v:#}");
+    flip_byte(&PathBuf::from(&c.repo).join(&after));
+    let (o, v) = verify_json(&c, &["--server", "main"]);
+    assert_eq!(o.status.code(), Some(2), "{v:#}");
+    let problems = v["windows"][0]["problems"].as_array().unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.as_str().unwrap().contains("cannot be read back")),
+        "{v:#}"
+    );
+
+    // WAL on timeline 2 without 00000002.history: a segment's bytes under
+    // the timeline-2 name (its pages are of timeline 1, which a segment of
+    // a newer timeline may hold).
+    let c = on_copy(cairn, d, "no-history");
+    let work = d.join("no-history-work");
+    std::fs::create_dir_all(&work).unwrap();
+    chown(&work);
+    let fetched = work.join("seg");
+    let o = c.run(
+        &[
+            "archive-get",
+            "--server",
+            "main",
+            &stop,
+            fetched.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let tl2 = work.join(format!("00000002{}", &stop[8..]));
+    std::fs::rename(&fetched, &tl2).unwrap();
+    let o = c.run(
+        &["archive-push", "--server", "main", tl2.to_str().unwrap()],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let (o, v) = verify_json(&c, &["--server", "main"]);
+    assert_eq!(o.status.code(), Some(2), "{v:#}");
+    let problems = v["windows"][0]["problems"].as_array().unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.as_str().unwrap().contains("00000002.history")),
+        "{v:#}"
+    );
 }
 
 /// A segment archived between two backups deleted: both backups still

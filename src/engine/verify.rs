@@ -12,7 +12,7 @@ use super::retention::{self, ServerWindow};
 use super::Result;
 use crate::pg::wal::{segment_name, WalFile};
 use crate::repo::verify::{VerifyOptions, VerifyProgress, VerifyReport};
-use crate::repo::Repository;
+use crate::repo::{RepoError, Repository};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BackupStatus {
@@ -77,14 +77,27 @@ async fn window_status(repo: &Repository, server: &str) -> WindowStatus {
             .find(|(_, f)| f.wal_complete)
             .map(|(b, _)| facts.archive.recoverable_from_backup(&b.meta))
             .transpose()?;
-        Ok::<_, super::EngineError>((window, newest, facts.backups.len()))
+        // A timeline with WAL but without its history file cannot be
+        // followed: recovery stays on the old timeline.
+        let no_history: Vec<u32> = facts
+            .archive
+            .timelines()
+            .into_iter()
+            .filter(|t| *t > 1 && !facts.archive.histories.contains_key(t))
+            .collect();
+        Ok::<_, super::EngineError>((window, newest, facts.backups.len(), no_history))
     }
     .await;
     match computed {
         Err(e) => st
             .problems
             .push(format!("its recovery window cannot be computed: {e}")),
-        Ok((window, newest, backups)) => {
+        Ok((window, newest, backups, no_history)) => {
+            for t in no_history {
+                st.problems.push(format!(
+                    "timeline {t} has archived WAL but its history file {t:08X}.history is not in the repository: recovery cannot follow timeline {t} (archive the file again from the server that created it, or restore with --target-timeline current)"
+                ));
+            }
             if window.is_none() && backups > 0 {
                 st.problems.push(
                     "no backup has its WAL from start to stop: no point in time is recoverable"
@@ -126,6 +139,9 @@ pub async fn run(
     for name in repo.list_manifests(&prefix).await? {
         let meta = match repo.manifest_meta(&name).await {
             Ok(v) => from_value(&v, &name),
+            // Listed, then not found: deleted meanwhile (a concurrent
+            // expire or delete), which is no damage.
+            Err(RepoError::NotFound { key }) if key.ends_with(&name) => continue,
             Err(e) => Err(e),
         };
         match meta {
@@ -194,6 +210,11 @@ pub async fn run(
         wal_names.extend(need.iter().filter(|n| listed.contains(*n)).cloned());
         needs.push(need);
     }
+    // One backup: its own WAL. One server: all of its archived WAL, which
+    // recovery past its backups reads too.
+    if id.is_none() {
+        wal_names.extend(listed.iter().cloned());
+    }
     let manifests = match (server, id) {
         (None, None) => None,
         _ => Some(
@@ -257,7 +278,20 @@ pub async fn run(
         servers.sort();
         servers.dedup();
         for s in servers {
-            windows.push(window_status(repo, &s).await);
+            let mut w = window_status(repo, &s).await;
+            // Archived WAL that cannot be read back stops recovery there.
+            let wal_root = format!("wal/{s}/");
+            let damaged: Vec<&String> = report
+                .damaged
+                .iter()
+                .filter(|n| n.starts_with(&wal_root))
+                .collect();
+            if let (Some(first), n) = (damaged.first(), damaged.len()) {
+                w.problems.push(format!(
+                    "{n} archived WAL file(s) cannot be read back (first: {first}); recovery that needs them fails there"
+                ));
+            }
+            windows.push(w);
         }
     }
     Ok(VerifyResult {

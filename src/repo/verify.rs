@@ -27,7 +27,8 @@ pub struct VerifyOptions {
     pub manifests: Option<Vec<String>>,
     /// Read this share (1..=100 %) of the pack bytes in full. Successive
     /// runs continue where the last one stopped (a cursor in the local
-    /// cache), so repeated partial runs cover every pack.
+    /// cache), so repeated partial runs cover every pack; without a cursor
+    /// a run starts at a random pack.
     pub read_data_percent: Option<u8>,
 }
 
@@ -91,9 +92,43 @@ impl Problems {
 }
 
 impl Repository {
+    /// Verify, naming every problem. A run that found problems while a
+    /// collector replaced index objects is repeated once against the index
+    /// as it is then: a chunk or pack that seemed gone may only have moved.
     pub async fn verify(
         &self,
         opts: &VerifyOptions,
+        progress: &dyn VerifyProgress,
+    ) -> Result<VerifyReport> {
+        // Manifests are listed before the index is loaded: a manifest is
+        // committed after its index objects, so the index loaded next holds
+        // the chunks of every manifest listed now.
+        let names = match &opts.manifests {
+            Some(n) => n.clone(),
+            None => self.list_manifests("").await?,
+        };
+        let before = self.index_object_keys().await?;
+        let report = self.verify_once(opts, &names, progress).await?;
+        if report.is_clean() || self.index_object_keys().await? == before {
+            return Ok(report);
+        }
+        self.verify_once(opts, &names, progress).await
+    }
+
+    async fn index_object_keys(&self) -> Result<BTreeSet<String>> {
+        Ok(
+            backend::list(&*self.inner.backend, super::index::INDEX_PREFIX)
+                .await?
+                .into_iter()
+                .map(|o| o.key)
+                .collect(),
+        )
+    }
+
+    async fn verify_once(
+        &self,
+        opts: &VerifyOptions,
+        names: &[String],
         progress: &dyn VerifyProgress,
     ) -> Result<VerifyReport> {
         let inner = &self.inner;
@@ -117,9 +152,16 @@ impl Repository {
         let mut indexed: HashMap<PackId, u64> = HashMap::new();
         let mut index_objects = HashSet::new();
         let index = inner.index.clone();
+        let mut out_of_bounds: BTreeMap<String, Vec<(ChunkId, PackId)>> = BTreeMap::new();
         let bad_pages = index.scan(|object, id, loc, size| {
             if !index_objects.contains(object) {
                 index_objects.insert(object.to_string());
+            }
+            if u64::from(loc.offset) + u64::from(loc.length) > size {
+                out_of_bounds
+                    .entry(object.to_string())
+                    .or_default()
+                    .push((*id, loc.pack));
             }
             copies.push(id, loc);
             indexed.insert(loc.pack, size);
@@ -127,6 +169,14 @@ impl Repository {
         copies.sort();
         for (object, e) in bad_pages {
             problems.add(object, e.to_string());
+        }
+        let mut bad_copies: HashSet<(ChunkId, PackId)> = HashSet::new();
+        for (object, bad) in out_of_bounds {
+            problems.add(
+                object,
+                format!("{} entries point past the end of their pack", bad.len()),
+            );
+            bad_copies.extend(bad);
         }
         report.index_objects = index_objects.len() as u64;
         report.packs_indexed = indexed.len() as u64;
@@ -152,7 +202,6 @@ impl Repository {
         }
 
         // Read packs in full: every blob authenticates and hashes to its id.
-        let mut bad_copies: HashSet<(ChunkId, PackId)> = HashSet::new();
         if let Some(pct) = opts.read_data_percent {
             let chosen = self.choose_packs(&indexed, &bad_packs, pct)?;
             let total: u64 = chosen.iter().map(|(_, s)| *s).sum();
@@ -206,10 +255,6 @@ impl Repository {
         }
 
         // Manifests: every chunk they reference has a sound copy.
-        let names = match &opts.manifests {
-            Some(n) => n.clone(),
-            None => self.list_manifests("").await?,
-        };
         let healthy = |id: &ChunkId| {
             healthy_copy(
                 &copies,
@@ -228,30 +273,33 @@ impl Repository {
             None => unindexed.insert(*id),
         };
         for name in names {
-            report.manifests_checked += 1;
-            let object = manifest_object(&name);
-            let doc = match self.read_manifest_doc(&name).await {
+            let object = manifest_object(name);
+            let doc = match self.read_manifest_doc(name).await {
                 Ok(d) => d,
+                // Listed, then not found: deleted since (expire, delete).
+                Err(RepoError::NotFound { key }) if key.ends_with(name.as_str()) => continue,
                 Err(e) => {
                     problems.add(&object, e.to_string());
-                    problems.affects(&object, &name);
+                    problems.affects(&object, name);
                     continue;
                 }
             };
+            report.manifests_checked += 1;
             let mut refs: Vec<ChunkId> = doc.body.iter().map(|r| r.0).collect();
             let body_ok = refs.iter().all(|id| healthy(id).is_ok());
             if body_ok {
-                match self.read_entries(&name, doc).await {
+                match self.read_entries(name, doc).await {
                     Ok(m) => {
                         refs.extend(m.entries.iter().flat_map(|e| e.chunks.iter().map(|c| c.0)))
                     }
                     Err(e) => {
                         problems.add(&object, format!("entry list unreadable: {e}"));
-                        problems.affects(&object, &name);
+                        problems.affects(&object, name);
                     }
                 }
             }
             let mut missing = 0u64;
+            let mut unexplained = 0u64;
             for id in refs {
                 if !mark(&id) && healthy(&id).is_ok() {
                     continue;
@@ -259,9 +307,16 @@ impl Repository {
                 if let Err(packs) = healthy(&id) {
                     if packs.is_empty() {
                         missing += 1;
+                    } else if !packs
+                        .iter()
+                        .any(|p| problems.0.contains_key(&pack_object(p)))
+                    {
+                        // Sound packs, yet no sound copy: a delta whose
+                        // base is in no index (or too deep a chain).
+                        unexplained += 1;
                     }
                     for p in packs {
-                        problems.affects(&pack_object(&p), &name);
+                        problems.affects(&pack_object(&p), name);
                     }
                     report.damaged.insert(name.clone());
                 }
@@ -271,7 +326,17 @@ impl Repository {
                     &object,
                     format!("{missing} referenced chunk(s) are in no index object"),
                 );
-                problems.affects(&object, &name);
+                problems.affects(&object, name);
+            }
+            if unexplained > 0 {
+                let what = format!(
+                    "{unexplained} referenced chunk(s) are deltas whose base chunk has no sound copy in any index object"
+                );
+                match problems.0.get_mut(&object) {
+                    Some(p) => p.problem = format!("{}; {what}", p.problem),
+                    None => problems.add(&object, what),
+                }
+                problems.affects(&object, name);
             }
         }
         report.chunks_referenced = (marked.iter().filter(|m| **m).count() + unindexed.len()) as u64;
@@ -300,13 +365,21 @@ impl Repository {
             return Ok(all);
         }
         let path = self.verify_cursor_path();
-        // A missing or unreadable cursor starts from the beginning.
         let cursor: Option<PackId> = std::fs::read_to_string(&path)
             .ok()
             .and_then(|t| hex::decode(t.trim()).ok())
             .and_then(|v| <[u8; 32]>::try_from(v).ok())
             .map(ChunkId);
-        let start = cursor.map_or(0, |c| all.partition_point(|(p, _)| *p <= c) % all.len());
+        // Without a cursor (a fresh cache: a container, another host) start
+        // at a random pack, so that such runs do not all read the same share.
+        let start = match cursor {
+            Some(c) => all.partition_point(|(p, _)| *p <= c) % all.len(),
+            None => {
+                let mut r = [0u8; 8];
+                getrandom::fill(&mut r).map_err(|e| RepoError::Task(format!("random: {e}")))?;
+                (u64::from_le_bytes(r) % all.len() as u64) as usize
+            }
+        };
         let total: u64 = all.iter().map(|(_, s)| s).sum();
         let want = (total as u128 * pct as u128).div_ceil(100) as u64;
         let mut out = Vec::new();
