@@ -166,12 +166,14 @@ fn recovery_settings(
     let target = if let Some(t) = &a.target_time {
         Some(("recovery_target_time", t.clone()))
     } else if let Some(x) = &a.target_xid {
+        // Decimal (PostgreSQL would read a leading 0 as octal), and a
+        // normal id: 0 to 2 never commit, so recovery would never stop.
         let xid = x
             .parse::<u64>()
             .ok()
-            .filter(|_| !x.starts_with(['0', '+']) || x == "0");
+            .filter(|v| !x.starts_with(['0', '+']) && (v & 0xFFFF_FFFF) >= 3);
         let xid = xid.ok_or_else(|| {
-            anyhow::anyhow!("--target-xid {x:?}: expected a transaction id in decimal")
+            anyhow::anyhow!("--target-xid {x:?}: expected a transaction id in decimal (3 or more)")
         })?;
         Some(("recovery_target_xid", xid.to_string()))
     } else if let Some(l) = target_lsn {

@@ -6,7 +6,7 @@
 //! under a temporary name and renamed over the old one, so a symlink
 //! planted there is replaced, never followed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -472,8 +472,13 @@ pub async fn select_backup(
     };
     let mut passed_over = Vec::new();
     let mut first_refusal = None;
+    let mut histories: HashMap<u64, BTreeMap<u32, String>> = HashMap::new();
     for backup in candidates {
-        match check_timeline(repo, &backup.meta, requested).await {
+        let sysid = backup.meta.system_identifier;
+        if let std::collections::hash_map::Entry::Vacant(e) = histories.entry(sysid) {
+            e.insert(archived_histories(repo, &backup.meta).await?);
+        }
+        match check_timeline(repo, &backup.meta, requested, &histories[&sysid]).await {
             Ok(tl) => {
                 return Ok(Selected {
                     backup,
@@ -495,20 +500,10 @@ pub async fn select_backup(
     })))
 }
 
-/// Check, before anything is written, that the recovery target timeline
-/// can be reached from the backup: per the archived history files, the
-/// target timeline must descend from the backup's and have forked after the
-/// backup ended. Returns the timeline recovery will follow. `latest` is
-/// found as PostgreSQL finds it: the backup's timeline, then each next one
-/// for as long as its history file exists.
-pub async fn check_timeline(
-    repo: &Repository,
-    meta: &BackupMeta,
-    requested: Option<&str>,
-) -> Result<u32> {
-    use crate::pg::timeline::{parse_history, reachable};
+/// The archived history files of the backup's cluster, by timeline.
+async fn archived_histories(repo: &Repository, meta: &BackupMeta) -> Result<BTreeMap<u32, String>> {
     let prefix = super::catalog::wal_prefix(&meta.server, meta.system_identifier);
-    let mut histories: std::collections::BTreeMap<u32, String> = Default::default();
+    let mut histories = BTreeMap::new();
     for name in repo.list_manifests(&prefix).await? {
         if let Some(file) = name.rsplit('/').next() {
             if let Some(tl) = file
@@ -519,6 +514,22 @@ pub async fn check_timeline(
             }
         }
     }
+    Ok(histories)
+}
+
+/// Check, before anything is written, that the recovery target timeline
+/// can be reached from the backup: per the archived history files, the
+/// target timeline must descend from the backup's and have forked after the
+/// backup ended. Returns the timeline recovery will follow. `latest` is
+/// found as PostgreSQL finds it: the backup's timeline, then each next one
+/// for as long as its history file exists.
+async fn check_timeline(
+    repo: &Repository,
+    meta: &BackupMeta,
+    requested: Option<&str>,
+    histories: &BTreeMap<u32, String>,
+) -> Result<u32> {
+    use crate::pg::timeline::{parse_history, reachable};
     let target = match requested {
         None | Some("latest") => {
             let mut tl = meta.timeline;

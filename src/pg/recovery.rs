@@ -150,8 +150,42 @@ pub fn write(
     }
     write_synced(&auto, out.as_bytes())?;
     if recovery.is_some() {
+        commented.extend(comment_out_mixed_case_targets(pgdata)?);
         write_synced(&pgdata.join("recovery.signal"), b"")?;
     }
+    Ok(commented)
+}
+
+/// PostgreSQL drops an earlier line for a setting only when a later one is
+/// spelled the same (case included); `Recovery_Target_Time` in
+/// postgresql.conf would stay in force beside the restore's lowercase
+/// lines, and two targets stop the server. Such lines are commented out.
+fn comment_out_mixed_case_targets(pgdata: &Path) -> Result<Vec<String>> {
+    let conf = pgdata.join("postgresql.conf");
+    let text = match std::fs::read_to_string(&conf) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(PgError::io(format!("reading {}", conf.display()), e)),
+    };
+    let mixed = |line: &str| {
+        setting_name(line).is_some_and(|n| {
+            TARGETS.contains(&n.as_str()) && !line.trim_start().starts_with(n.as_str())
+        })
+    };
+    if !text.lines().any(mixed) {
+        return Ok(Vec::new());
+    }
+    let mut out = String::new();
+    let mut commented = Vec::new();
+    for line in text.lines() {
+        if mixed(line) {
+            commented.push(format!("{line} (postgresql.conf)"));
+            out.push_str("# pgcairn restore: ");
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    write_synced(&conf, out.as_bytes())?;
     Ok(commented)
 }
 
@@ -264,6 +298,28 @@ mod tests {
         assert_eq!(value_of(&t, "recovery_target_inclusive").unwrap(), "on");
         assert_eq!(value_of(&t, "archive_cleanup_command").unwrap(), "");
         assert!(!t.contains("archive_mode"));
+    }
+
+    /// A target in postgresql.conf spelled in other capitals is commented
+    /// out there; lowercase ones are overridden by the explicit values.
+    #[test]
+    fn mixed_case_targets_in_postgresql_conf_are_commented_out() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("postgresql.conf"),
+            "Recovery_Target_Time = 'x'\nrecovery_target_name = 'y'\nwork_mem = '4MB'\n",
+        )
+        .unwrap();
+        let commented = write(d.path(), Some(&settings(None)), false).unwrap();
+        assert_eq!(
+            commented,
+            vec!["Recovery_Target_Time = 'x' (postgresql.conf)".to_string()]
+        );
+        let t = std::fs::read_to_string(d.path().join("postgresql.conf")).unwrap();
+        assert_eq!(
+            t,
+            "# pgcairn restore: Recovery_Target_Time = 'x'\nrecovery_target_name = 'y'\nwork_mem = '4MB'\n"
+        );
     }
 
     /// Without recovery, only archive_mode is written, and no signal file.
