@@ -78,12 +78,16 @@ async fn window_status(repo: &Repository, server: &str) -> WindowStatus {
             .map(|(b, _)| facts.archive.recoverable_from_backup(&b.meta))
             .transpose()?;
         // A timeline with WAL but without its history file cannot be
-        // followed: recovery stays on the old timeline.
+        // followed from an older timeline: recovery from a backup there
+        // stays on the old one. (A cluster that started archiving here
+        // already past timeline 1 has no history files, and needs none
+        // while its backups are on that timeline or later.)
+        let oldest = facts.backups.iter().map(|b| b.meta.timeline).min();
         let no_history: Vec<u32> = facts
             .archive
             .timelines()
             .into_iter()
-            .filter(|t| *t > 1 && !facts.archive.histories.contains_key(t))
+            .filter(|t| oldest.is_some_and(|o| o < *t) && !facts.archive.histories.contains_key(t))
             .collect();
         Ok::<_, super::EngineError>((window, newest, facts.backups.len(), no_history))
     }
