@@ -145,12 +145,16 @@ pub fn new_passphrase(fallback: Option<&PassphraseSource>) -> Result<Zeroizing<V
         return src.get();
     }
     if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-        let a = rpassword::prompt_password("New passphrase: ").map_err(|e| e.to_string())?;
-        let b = rpassword::prompt_password("Repeat passphrase: ").map_err(|e| e.to_string())?;
+        let a = Zeroizing::new(
+            rpassword::prompt_password("New passphrase: ").map_err(|e| e.to_string())?,
+        );
+        let b = Zeroizing::new(
+            rpassword::prompt_password("Repeat passphrase: ").map_err(|e| e.to_string())?,
+        );
         if a != b {
             return Err("the passphrases differ".into());
         }
-        return non_empty(Zeroizing::new(a.into_bytes()));
+        return non_empty(Zeroizing::new(a.as_bytes().to_vec()));
     }
     Err("no new passphrase: set PGCAIRN_NEW_PASSPHRASE or PGCAIRN_NEW_PASSPHRASE_FILE (mode 0600), or run on a terminal".into())
 }

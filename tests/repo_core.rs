@@ -12,7 +12,7 @@ use pgcairn::repo::backend::{self, WriteMode};
 use pgcairn::repo::lease::{CondemnedPack, GcMark};
 use pgcairn::repo::pack::pack_id_from_key;
 use pgcairn::repo::store::{entry, manifest};
-use pgcairn::repo::{Encryption, GcParams, InitOptions, RepoError, Repository};
+use pgcairn::repo::{Encryption, GcParams, InitOptions, RepoConfig, RepoError, Repository};
 use zeroize::Zeroizing;
 
 /// Store several streams, commit, reopen with a cold cache, restore, compare.
@@ -274,6 +274,58 @@ async fn wrong_passphrase_is_refused_clearly() {
         .expect("must fail");
     assert!(matches!(e, RepoError::WrongPassphrase { .. }), "{e}");
     assert!(e.to_string().contains("wrong passphrase"));
+}
+
+/// Someone with write access to the storage but not the key replaces the
+/// config (MAC under a master key of theirs) and adds that key in the
+/// clear. An encrypted repository must not open with it, and a cached key
+/// that no longer authenticates the config is an alarm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_config_and_clear_key_do_not_open_an_encrypted_repository() {
+    use pgcairn::repo::crypto::{KdfParams, MasterKey};
+    use pgcairn::repo::keys::KeyFile;
+    let t = local_repo(test_init()).await;
+    let (mut cached, _c) = fresh_opts();
+    cached.key_cache = true;
+    let right = || Ok(Zeroizing::new(PASS.to_vec()));
+    Repository::open(&t.url, &right, cached.clone())
+        .await
+        .expect("opens, and caches its key");
+
+    let root = std::path::Path::new(&t.url);
+    let (cfg, _, _) = RepoConfig::decode(&std::fs::read(root.join("config")).unwrap()).unwrap();
+    let theirs = MasterKey::generate().unwrap();
+    let forged = cfg.encode(&theirs.derive().mac).unwrap();
+    std::fs::remove_file(root.join("config")).unwrap();
+    std::fs::write(root.join("config"), forged).unwrap();
+    let id = "0".repeat(32);
+    let key = KeyFile::wrap(
+        &cfg.repo_id(),
+        &theirs,
+        None,
+        KdfParams::DEFAULT,
+        id.clone(),
+        0,
+    )
+    .unwrap();
+    std::fs::write(root.join("keys").join(&id), key.encode().unwrap()).unwrap();
+
+    let wrong = || Ok(Zeroizing::new(b"not it".to_vec()));
+    let e = Repository::open(&t.url, &wrong, fresh_opts().0)
+        .await
+        .err()
+        .expect("the clear key must not open it");
+    assert!(matches!(e, RepoError::WrongPassphrase { .. }), "{e}");
+    let e = Repository::open(&t.url, &right, fresh_opts().0)
+        .await
+        .err()
+        .expect("the real key does not authenticate the forged config");
+    assert!(e.to_string().contains("MAC"), "{e}");
+    let e = Repository::open(&t.url, &right, cached)
+        .await
+        .err()
+        .expect("the cached key is an alarm");
+    assert!(e.to_string().contains("replaced"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

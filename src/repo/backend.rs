@@ -22,7 +22,7 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path as StorePath;
 use object_store::prefix::PrefixStore;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 #[cfg(target_os = "linux")]
 use super::direct::LocalDirect;
@@ -226,27 +226,43 @@ impl ObjectStoreBackend {
                 ));
             }
             "s3" | "s3a" => {
-                let builder = object_store::aws::AmazonS3Builder::from_env()
+                let mut builder = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(&bucket)
                     .with_retry(retry_config());
+                if std::env::var_os("AWS_TIMEOUT").is_none() {
+                    builder = builder.with_config(
+                        object_store::aws::AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                        REQUEST_TIMEOUT,
+                    );
+                }
                 let s3 = Arc::new(builder.clone().build().map_err(|e| bad(e.to_string()))?);
                 uploads = Uploads::S3(S3Uploads::new(&builder, s3.clone(), &prefix).map_err(bad)?);
                 s3
             }
             "gs" => {
-                let gcs = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_bucket_name(&bucket)
-                    .with_retry(retry_config())
-                    .build()
-                    .map_err(|e| bad(e.to_string()))?;
+                    .with_retry(retry_config());
+                if std::env::var_os("GOOGLE_TIMEOUT").is_none() {
+                    builder = builder.with_config(
+                        object_store::gcp::GoogleConfigKey::Client(ClientConfigKey::Timeout),
+                        REQUEST_TIMEOUT,
+                    );
+                }
+                let gcs = builder.build().map_err(|e| bad(e.to_string()))?;
                 Arc::new(gcs)
             }
             "az" | "azure" => {
-                let az = object_store::azure::MicrosoftAzureBuilder::from_env()
+                let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_container_name(&bucket)
-                    .with_retry(retry_config())
-                    .build()
-                    .map_err(|e| bad(e.to_string()))?;
+                    .with_retry(retry_config());
+                if std::env::var_os("AZURE_TIMEOUT").is_none() {
+                    builder = builder.with_config(
+                        object_store::azure::AzureConfigKey::Client(ClientConfigKey::Timeout),
+                        REQUEST_TIMEOUT,
+                    );
+                }
+                let az = builder.build().map_err(|e| bad(e.to_string()))?;
                 Arc::new(az)
             }
             other => {
@@ -266,6 +282,12 @@ impl ObjectStoreBackend {
         Ok(ObjectStoreBackend::new(store, url.to_string(), uploads))
     }
 }
+
+/// The limit on one whole request to object storage. object_store's
+/// default (30 s, connect to end of body) fails every 32 MiB pack upload
+/// on a link slower than about 10 Mbit/s, and a create that timed out is
+/// not retried. `AWS_TIMEOUT`, `GOOGLE_TIMEOUT` or `AZURE_TIMEOUT` override it.
+const REQUEST_TIMEOUT: &str = "10m";
 
 /// HTTP-level retries inside `object_store`; [`Retrying`] adds a few more
 /// around whole operations.
@@ -471,6 +493,46 @@ pub async fn put_immutable(b: &dyn Backend, key: &str, data: Bytes) -> Result<Pu
     }
 }
 
+/// Check that the store refuses to overwrite on a create-if-absent write
+/// (S3's `If-None-Match: *`): a store that ignores the condition would let
+/// two writers both "win" and nothing stored would be immutable. Writes
+/// and then removes `probe/<random>`.
+pub async fn probe_create_if_absent(b: &dyn Backend) -> Result<()> {
+    let mut r = [0u8; 16];
+    super::crypto::random(&mut r)?;
+    let key = format!("probe/{}", hex::encode(r));
+    // AlreadyExists here can only be a retried request that had landed:
+    // the key is random.
+    match b
+        .put(&key, Bytes::from_static(b"first"), WriteMode::Create)
+        .await
+    {
+        Ok(()) | Err(BackendError::AlreadyExists) => {}
+        Err(e) => return Err(e.into_repo("create", &key)),
+    }
+    let second = b
+        .put(&key, Bytes::from_static(b"second"), WriteMode::Create)
+        .await;
+    let removed = b.delete(&key).await;
+    match second {
+        Err(BackendError::AlreadyExists) => {}
+        Ok(()) => {
+            return Err(RepoError::invalid(
+                "storage",
+                format!(
+                    "{key}: the store overwrote an object written create-if-absent (it ignores If-None-Match: *); \
+                     pgcairn needs conditional writes to keep objects immutable: use a store (or version) that supports them"
+                ),
+            ))
+        }
+        Err(e) => return Err(e.into_repo("create", &key)),
+    }
+    match removed {
+        Ok(()) | Err(BackendError::NotFound) => Ok(()),
+        Err(e) => Err(e.into_repo("delete", &key)),
+    }
+}
+
 pub async fn get(b: &dyn Backend, key: &str) -> Result<Bytes> {
     b.get(key).await.map_err(|e| e.into_repo("read", key))
 }
@@ -603,5 +665,44 @@ mod tests {
             ObjectStoreBackend::open("/nonexistent/pgcairn/repo", false),
             Err(RepoError::NoRepository { .. })
         ));
+    }
+
+    /// A store that ignores create-if-absent (overwrites instead).
+    #[derive(Debug)]
+    struct Careless(ObjectStoreBackend);
+
+    #[async_trait]
+    impl Backend for Careless {
+        fn location(&self) -> String {
+            self.0.location()
+        }
+        async fn put(&self, key: &str, data: Bytes, _: WriteMode) -> BResult<()> {
+            self.0.put(key, data, WriteMode::Overwrite).await
+        }
+        async fn get(&self, key: &str) -> BResult<Bytes> {
+            self.0.get(key).await
+        }
+        async fn get_range(&self, key: &str, range: Range<u64>) -> BResult<Bytes> {
+            self.0.get_range(key, range).await
+        }
+        async fn head(&self, key: &str) -> BResult<ObjectInfo> {
+            self.0.head(key).await
+        }
+        async fn list(&self, prefix: &str) -> BResult<Vec<ObjectInfo>> {
+            self.0.list(prefix).await
+        }
+        async fn delete(&self, key: &str) -> BResult<()> {
+            self.0.delete(key).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_that_overwrites_on_create_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || ObjectStoreBackend::open(dir.path().to_str().unwrap(), false).unwrap();
+        probe_create_if_absent(&open()).await.unwrap();
+        let e = probe_create_if_absent(&Careless(open())).await.unwrap_err();
+        assert!(e.to_string().contains("If-None-Match"), "{e}");
+        assert!(list(&open(), "probe/").await.unwrap().is_empty());
     }
 }

@@ -248,11 +248,15 @@ impl KdfParams {
                         RepoError::invalid("PGCAIRN_KDF", "expected m_cost,t_cost,p_cost")
                     })?;
                 match parts.as_slice() {
-                    [m, t, p] => Ok(KdfParams {
-                        m_cost: *m,
-                        t_cost: *t,
-                        p_cost: *p,
-                    }),
+                    [m, t, p] => {
+                        let k = KdfParams {
+                            m_cost: *m,
+                            t_cost: *t,
+                            p_cost: *p,
+                        };
+                        k.check()?;
+                        Ok(k)
+                    }
                     _ => Err(RepoError::invalid(
                         "PGCAIRN_KDF",
                         "expected m_cost,t_cost,p_cost",
@@ -262,8 +266,29 @@ impl KdfParams {
         }
     }
 
+    /// Bounds on parameters read from a key object, which anyone with
+    /// write access to the storage can forge: no unlock may take hours or
+    /// the host's memory. 8 KiB to 4 GiB, 1 to 256 passes, 1 to 64 lanes.
+    pub fn check(&self) -> Result<()> {
+        if (8..=4 << 20).contains(&self.m_cost)
+            && (1..=256).contains(&self.t_cost)
+            && (1..=64).contains(&self.p_cost)
+        {
+            Ok(())
+        } else {
+            Err(RepoError::invalid(
+                "argon2id parameters",
+                format!(
+                    "memory {} KiB, {} passes, {} lanes: outside what pgcairn accepts (8 KiB to 4 GiB, 1 to 256 passes, 1 to 64 lanes)",
+                    self.m_cost, self.t_cost, self.p_cost
+                ),
+            ))
+        }
+    }
+
     /// Derive a key-encryption key from a passphrase.
     pub fn derive(&self, passphrase: &[u8], salt: &[u8]) -> Result<Zeroizing<[u8; 32]>> {
+        self.check()?;
         let params = Params::new(self.m_cost, self.t_cost, self.p_cost, Some(32))
             .map_err(|e| RepoError::invalid("argon2id parameters", e.to_string()))?;
         let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);

@@ -193,47 +193,98 @@ fn key_cache_path(opts: &OpenOptions, cfg: &RepoConfig) -> PathBuf {
     cache_root(opts).join(cfg.repo_id_hex()).join("master.key")
 }
 
-/// The cached master key, if present, private to us, and accepted by the
-/// config's MAC.
+/// The cached master key, if present and private to us. A master key never
+/// changes for a repository id, so a cached one that the config's MAC does
+/// not accept means the config was replaced by someone without the key:
+/// that is an error, not a reason to fall back to the key objects (which
+/// whoever replaced the config may have replaced too).
 fn read_key_cache(
     opts: &OpenOptions,
     cfg: &RepoConfig,
     body: &[u8],
     mac: &[u8],
-) -> Option<MasterKey> {
+) -> Result<Option<MasterKey>> {
     use std::os::unix::fs::MetadataExt;
     let path = key_cache_path(opts, cfg);
-    let meta = std::fs::metadata(&path).ok()?;
+    let Ok(meta) = std::fs::symlink_metadata(&path) else {
+        return Ok(None);
+    };
     // SAFETY: geteuid has no preconditions.
-    if meta.mode() & 0o077 != 0 || meta.uid() != unsafe { libc::geteuid() } {
-        return None;
+    if !meta.is_file() || meta.mode() & 0o077 != 0 || meta.uid() != unsafe { libc::geteuid() } {
+        return Ok(None);
     }
-    let bytes = Zeroizing::new(std::fs::read(&path).ok()?);
-    let master = MasterKey::from_bytes(&bytes)?;
-    RepoConfig::authenticate(body, mac, &master.derive().mac).ok()?;
-    Some(master)
+    let Ok(bytes) = std::fs::read(&path).map(Zeroizing::new) else {
+        return Ok(None);
+    };
+    let Some(master) = MasterKey::from_bytes(&bytes) else {
+        return Ok(None);
+    };
+    match RepoConfig::authenticate(body, mac, &master.derive().mac) {
+        Ok(()) => Ok(Some(master)),
+        Err(_) => Err(RepoError::invalid(
+            "config",
+            format!(
+                "the repository's master key cached in {} does not authenticate its config: \
+                 the config was replaced by someone without the key. Investigate before using this repository; \
+                 if the cache file is the stale one, delete it",
+                path.display()
+            ),
+        )),
+    }
 }
 
+/// Write the key cache. Its directory must be ours and private (a cache
+/// root another user can write to must not get to read the key), and the
+/// temporary file is created new under a random name, never through a link
+/// someone planted.
 fn write_key_cache(opts: &OpenOptions, cfg: &RepoConfig, master: &MasterKey) -> Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
     let path = key_cache_path(opts, cfg);
     let dir = path.parent().map(|p| p.to_path_buf()).unwrap_or_default();
-    std::fs::create_dir_all(&dir)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
         .map_err(|e| RepoError::io(format!("creating {}", dir.display()), e))?;
-    let tmp = dir.join(format!(".master.key.{}", std::process::id()));
+    let meta = std::fs::symlink_metadata(&dir)
+        .map_err(|e| RepoError::io(format!("reading {}", dir.display()), e))?;
+    // SAFETY: geteuid has no preconditions.
+    if !meta.is_dir() || meta.uid() != unsafe { libc::geteuid() } {
+        return Err(RepoError::invalid(
+            "key cache",
+            format!(
+                "{} is not a directory of this user; choose another --cache-dir (or PGCAIRN_NO_KEY_CACHE=1)",
+                dir.display()
+            ),
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| RepoError::io(format!("chmod 0700 {}", dir.display()), e))?;
+    }
+    let mut nonce = [0u8; 8];
+    crypto::random(&mut nonce)?;
+    let tmp = dir.join(format!(".master.key.{}", hex::encode(nonce)));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(|e| RepoError::io(format!("creating {}", tmp.display()), e))?;
-    f.write_all(master.as_bytes())
+    let written = f
+        .write_all(master.as_bytes())
         .and_then(|_| f.sync_all())
-        .map_err(|e| RepoError::io(format!("writing {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, &path)
-        .map_err(|e| RepoError::io(format!("renaming into {}", path.display()), e))
+        .map_err(|e| RepoError::io(format!("writing {}", tmp.display()), e))
+        .and_then(|_| {
+            std::fs::rename(&tmp, &path)
+                .map_err(|e| RepoError::io(format!("renaming into {}", path.display()), e))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// A summary for `pgcairn info`.
@@ -291,6 +342,7 @@ impl Repository {
                 "an encrypted repository needs a passphrase",
             ));
         }
+        backend::probe_create_if_absent(&*backend).await?;
         let mut repo_id = [0u8; 16];
         crypto::random(&mut repo_id)?;
         let master = MasterKey::generate()?;
@@ -382,7 +434,7 @@ impl Repository {
         let (cfg, body, mac) = RepoConfig::decode(&cfg_bytes)?;
         let repo_id = cfg.repo_id();
         if opts.key_cache {
-            if let Some(master) = read_key_cache(&opts, &cfg, &body, &mac) {
+            if let Some(master) = read_key_cache(&opts, &cfg, &body, &mac)? {
                 return Ok(Self::assemble(
                     backend,
                     cfg,
@@ -416,17 +468,34 @@ impl Repository {
         } else {
             None
         };
+        // Each key on its own: one bad key object (forged parameters, a
+        // leftover of an interrupted init) must not lock out the others.
+        let (mut mac_error, mut key_error) = (None, None);
         for k in &key_files {
-            if let Some(master) = k.unwrap_with(&repo_id, pw.as_ref().map(|p| p.as_slice()))? {
-                let keys = master.derive();
-                RepoConfig::authenticate(&body, &mac, &keys.mac)?;
-                if opts.key_cache {
-                    write_key_cache(&opts, &cfg, &master)?;
-                }
-                return Ok(Self::assemble(backend, cfg, master, k.id.clone(), opts));
+            // An encrypted repository's master key is only ever stored
+            // wrapped; one stored in the clear was put there by someone
+            // else (or left by an interrupted unencrypted init): ignored.
+            if needs_pw && matches!(k.kdf, keys::Kdf::None) {
+                continue;
             }
+            let master = match k.unwrap_with(&repo_id, pw.as_ref().map(|p| p.as_slice())) {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(e) => {
+                    key_error.get_or_insert(e);
+                    continue;
+                }
+            };
+            if let Err(e) = RepoConfig::authenticate(&body, &mac, &master.derive().mac) {
+                mac_error.get_or_insert(e);
+                continue;
+            }
+            if opts.key_cache {
+                write_key_cache(&opts, &cfg, &master)?;
+            }
+            return Ok(Self::assemble(backend, cfg, master, k.id.clone(), opts));
         }
-        if let Some(e) = first_corrupt {
+        if let Some(e) = mac_error.or(first_corrupt).or(key_error) {
             return Err(e);
         }
         Err(RepoError::WrongPassphrase { repo: url.into() })
@@ -650,7 +719,12 @@ impl Repository {
                 key: key_object(id),
             });
         }
-        if keys.len() < 2 {
+        // Only a key of the repository's own kind opens it (an encrypted
+        // one ignores a key stored in the clear).
+        let usable = |k: &&KeyInfo| {
+            k.kdf.starts_with("argon2id") == self.inner.config.encryption.is_encrypted()
+        };
+        if !keys.iter().filter(usable).any(|k| k.id != id) {
             return Err(RepoError::invalid(
                 "key remove",
                 "refusing to remove the repository's last key",
@@ -676,6 +750,23 @@ impl Repository {
             .delete(&object)
             .await
             .map_err(|e| e.into_repo("delete", &object))
+    }
+
+    /// A manifest object's stored bytes, to put back with
+    /// [`Self::put_back_manifest`] if removing it turns out to be wrong.
+    pub async fn manifest_bytes(&self, name: &str) -> Result<Bytes> {
+        manifest::validate_name(name)?;
+        backend::get(&*self.inner.backend, &manifest_object(name)).await
+    }
+
+    /// Store a manifest object's bytes again under its name (create if
+    /// absent). Its chunks are still there: the collector deletes only what
+    /// no manifest in a listing taken after its grace period references.
+    pub async fn put_back_manifest(&self, name: &str, bytes: Bytes) -> Result<()> {
+        manifest::validate_name(name)?;
+        backend::put_immutable(&*self.inner.backend, &manifest_object(name), bytes)
+            .await
+            .map(|_| ())
     }
 
     /// Record a collector's mark (`gc/marks/<id>`): the first phase of
