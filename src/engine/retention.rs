@@ -605,7 +605,19 @@ pub async fn pin(
         .await;
     w.finish().await?;
     match r {
-        Ok(()) => Ok(PinOutcome::Pinned),
+        // An expire that checked for a pin just before this one was
+        // written may have removed the backup since: the pin must not
+        // report success for nothing.
+        Ok(()) => match repo.manifest_meta(&backup_name(server, id)).await {
+            Ok(_) => Ok(PinOutcome::Pinned),
+            Err(RepoError::NotFound { key }) if key.ends_with(&backup_name(server, id)) => {
+                repo.delete_manifest(&pin_name(server, id)).await?;
+                Err(EngineError::Refused(format!(
+                    "backup {id} of server {server} was removed (by a concurrent expire or delete) as it was being pinned"
+                )))
+            }
+            Err(e) => Err(e.into()),
+        },
         // Pinned by someone else at the same moment.
         Err(RepoError::Conflict { .. }) => match pin_of(repo, server, id).await? {
             Some(p) => Ok(PinOutcome::AlreadyPinned(p.target)),
@@ -799,8 +811,26 @@ pub async fn execute(repo: &Repository, plan: &Plan, progress: &dyn Progress) ->
                 plan.server, done.backups_removed
             )));
         }
-        match repo.delete_manifest(&backup_name(&plan.server, id)).await {
-            Ok(()) => done.backups_removed += 1,
+        let name = backup_name(&plan.server, id);
+        let saved = match repo.manifest_bytes(&name).await {
+            Ok(b) => Some(b),
+            Err(RepoError::NotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        match repo.delete_manifest(&name).await {
+            Ok(()) => {
+                // `keep` may have pinned it between the check and the
+                // delete: then it is put back, and this run stops.
+                if let (true, Some(bytes)) = (is_pinned(repo, &plan.server, id).await?, saved) {
+                    repo.put_back_manifest(&name, bytes).await?;
+                    return Err(EngineError::Refused(format!(
+                        "backup {id} of server {} was pinned while it was being removed; it was put back. \
+                         ({} backup(s) removed so far, no WAL); run again",
+                        plan.server, done.backups_removed
+                    )));
+                }
+                done.backups_removed += 1
+            }
             // The name is gone either way: a concurrent run removed it.
             Err(RepoError::NotFound { .. }) => done.already_gone += 1,
             Err(e) => return Err(e.into()),
