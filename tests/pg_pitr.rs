@@ -59,6 +59,53 @@ fn wait_promoted(c: &Cluster) {
     }
 }
 
+/// Create `keepme` with `rows` rows, note the time, drop it, and wait
+/// until the WAL holding all that is archived. Returns the time and the
+/// last segment.
+fn drop_after_target(src: &Cluster, rows: u32) -> (String, String) {
+    src.psql(&format!(
+        "CREATE TABLE keepme AS SELECT g FROM generate_series(1, {rows}) g"
+    ));
+    let target = src.psql("SELECT clock_timestamp()");
+    src.psql("DROP TABLE keepme");
+    src.psql(
+        "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 0, now())",
+    );
+    let seg = src.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    src.psql("SELECT pg_switch_wal()");
+    wait_archived(src, &seg);
+    (target, seg)
+}
+
+/// Restore `latest` to `target` (promoting there) with `cache` as the key
+/// cache, start the copy and wait for its promotion: the copy and
+/// restore's output.
+fn restore_to(
+    cairn: &Cairn,
+    d: &std::path::Path,
+    target: &str,
+    cache: &std::path::Path,
+) -> (Cluster, String) {
+    let restored = d.join("restored");
+    let out = cairn.ok(&[
+        "restore",
+        "--server",
+        "main",
+        "latest",
+        restored.to_str().unwrap(),
+        "--target-time",
+        target,
+        "--target-action",
+        "promote",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    let mut r = Cluster::existing(&restored, d, "restored");
+    r.start();
+    wait_promoted(&r);
+    (r, out)
+}
+
 #[test]
 fn archive_push_and_point_in_time_recovery() {
     let dir = user_dir();
@@ -91,15 +138,7 @@ fn archive_push_and_point_in_time_recovery() {
         "{checked}"
     );
 
-    src.psql("CREATE TABLE keepme AS SELECT g FROM generate_series(1, 1234) g");
-    let target = src.psql("SELECT clock_timestamp()");
-    src.psql("DROP TABLE keepme");
-    src.psql(
-        "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 0, now())",
-    );
-    let seg = src.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
-    src.psql("SELECT pg_switch_wal()");
-    wait_archived(&src, &seg);
+    let (target, seg) = drop_after_target(&src, 1234);
 
     // Pushing an archived file again with the same content succeeds;
     // different content under its name is refused and overwrites nothing.
@@ -117,27 +156,11 @@ fn archive_push_and_point_in_time_recovery() {
         assert!(o.status.success(), "{}", text(&o));
     }
 
-    let restored = d.join("restored");
     // restore_command carries this path through postgresql.auto.conf's
     // quoting, the shell's and PostgreSQL's %-placeholders.
     let odd_cache = d.join("cache 'q%p\\b");
-    let out = cairn.ok(&[
-        "restore",
-        "--server",
-        "main",
-        "latest",
-        restored.to_str().unwrap(),
-        "--target-time",
-        &target,
-        "--target-action",
-        "promote",
-        "--cache-dir",
-        odd_cache.to_str().unwrap(),
-    ]);
+    let (r, out) = restore_to(&cairn, d, &target, &odd_cache);
     println!("{out}");
-    let mut r = Cluster::existing(&restored, d, "restored");
-    r.start();
-    wait_promoted(&r);
     assert_eq!(
         r.psql("SELECT count(*) FROM keepme"),
         "1234",
@@ -152,28 +175,17 @@ fn archive_push_and_point_in_time_recovery() {
 
     // Without recovery settings the copy still never archives.
     let plain = d.join("plain");
-    let o = cairn.run(
-        &[
-            "restore",
-            "--server",
-            "main",
-            "latest",
-            plain.to_str().unwrap(),
-            "--no-recovery",
-            "--target-action",
-            "promote",
-        ],
-        &[],
-    );
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    let out = cairn.ok(&[
+    let args = [
         "restore",
         "--server",
         "main",
         "latest",
         plain.to_str().unwrap(),
         "--no-recovery",
-    ]);
+    ];
+    let o = cairn.run(&[&args[..], &["--target-action", "promote"]].concat(), &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let out = cairn.ok(&args);
     assert!(out.contains("archive_mode = off"), "{out}");
     let auto = std::fs::read_to_string(plain.join("postgresql.auto.conf")).unwrap();
     assert!(auto.ends_with("archive_mode = 'off'\n"), "{auto}");
@@ -861,33 +873,9 @@ fn wal_names_at_other_segment_sizes() {
         src.start();
         run_ok(&mut src.pgbench(&["-i", "-s", "1", "-q"]));
         cairn.backup(&src, "main", &["--fast-checkpoint"]);
-        src.psql("CREATE TABLE keepme AS SELECT g FROM generate_series(1, 321) g");
-        let target = src.psql("SELECT clock_timestamp()");
-        src.psql("DROP TABLE keepme");
-        src.psql(
-            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 0, now())",
-        );
-        let seg = src.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+        let (target, seg) = drop_after_target(&src, 321);
         assert!(seg.as_str() > start, "{seg} is not past {start}");
-        src.psql("SELECT pg_switch_wal()");
-        wait_archived(&src, &seg);
-        let restored = d.join("restored");
-        cairn.ok(&[
-            "restore",
-            "--server",
-            "main",
-            "latest",
-            restored.to_str().unwrap(),
-            "--target-time",
-            &target,
-            "--target-action",
-            "promote",
-            "--cache-dir",
-            cairn.cache.to_str().unwrap(),
-        ]);
-        let mut r = Cluster::existing(&restored, d, "restored");
-        r.start();
-        wait_promoted(&r);
+        let (r, _) = restore_to(&cairn, d, &target, &cairn.cache);
         assert_eq!(
             r.psql("SELECT count(*) FROM keepme"),
             "321",
