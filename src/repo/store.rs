@@ -484,19 +484,17 @@ impl Writer {
 
     /// Seal and upload a pack in the background; at most `io_depth` at once.
     async fn upload(&self, b: PackBuilder) -> Result<()> {
-        let inner = self.shared.inner.clone();
+        let depth = self.shared.inner.opts.io_depth.max(1);
         let mut uploads = self.uploads.lock().await;
         while let Some(done) = uploads.try_join_next() {
             self.uploaded(done??)?;
         }
-        while uploads.len() >= inner.opts.io_depth.max(1) {
-            if let Some(done) = uploads.join_next().await {
-                self.uploaded(done??)?;
-            }
-        }
+        self.wait_below(&mut uploads, depth).await?;
         drop(uploads);
         self.write_index(false).await?;
         let mut uploads = self.uploads.lock().await;
+        // Other streams may have started uploads while the lock was free.
+        self.wait_below(&mut uploads, depth).await?;
         let shared = self.shared.clone();
         uploads.spawn(async move {
             let inner = shared.inner.clone();
@@ -514,6 +512,20 @@ impl Writer {
             lock(&shared.stats).packs_written += 1;
             Ok((info, entries))
         });
+        Ok(())
+    }
+
+    /// Wait until fewer than `depth` uploads run.
+    async fn wait_below(
+        &self,
+        uploads: &mut JoinSet<Result<Uploaded>>,
+        depth: usize,
+    ) -> Result<()> {
+        while uploads.len() >= depth {
+            if let Some(done) = uploads.join_next().await {
+                self.uploaded(done??)?;
+            }
+        }
         Ok(())
     }
 
