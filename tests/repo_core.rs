@@ -326,6 +326,26 @@ async fn a_forged_config_and_clear_key_do_not_open_an_encrypted_repository() {
         .err()
         .expect("the cached key is an alarm");
     assert!(e.to_string().contains("replaced"), "{e}");
+
+    // The same with a config that says "unencrypted": refused when the
+    // caller has a passphrase for the repository.
+    let plain = RepoConfig {
+        encryption: Encryption::None,
+        ..cfg.clone()
+    };
+    std::fs::remove_file(root.join("config")).unwrap();
+    std::fs::write(
+        root.join("config"),
+        plain.encode(&theirs.derive().mac).unwrap(),
+    )
+    .unwrap();
+    let (mut expecting, _c2) = fresh_opts();
+    expecting.expect_encrypted = true;
+    let e = Repository::open(&t.url, &right, expecting)
+        .await
+        .err()
+        .expect("an unencrypted config must not open when a passphrase is configured");
+    assert!(e.to_string().contains("not encrypted"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -81,6 +81,7 @@ impl Ctx {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(OpenOptions::default().index_flush_secs),
+            expect_encrypted: self.passphrase.is_set(),
             ..OpenOptions::default()
         }
     }

@@ -612,9 +612,14 @@ pub async fn pin(
             Ok(_) => Ok(PinOutcome::Pinned),
             Err(RepoError::NotFound { key }) if key.ends_with(&backup_name(server, id)) => {
                 repo.delete_manifest(&pin_name(server, id)).await?;
-                Err(EngineError::Refused(format!(
-                    "backup {id} of server {server} was removed (by a concurrent expire or delete) as it was being pinned"
-                )))
+                // The expire that removed it may have seen the pin and put
+                // the backup back meanwhile.
+                let back = repo.manifest_meta(&backup_name(server, id)).await.is_ok();
+                Err(EngineError::Refused(if back {
+                    format!("backup {id} of server {server} was being removed by an expire, which put it back; run keep again")
+                } else {
+                    format!("backup {id} of server {server} was removed (by a concurrent expire or delete) as it was being pinned")
+                }))
             }
             Err(e) => Err(e.into()),
         },
@@ -820,14 +825,27 @@ pub async fn execute(repo: &Repository, plan: &Plan, progress: &dyn Progress) ->
         match repo.delete_manifest(&name).await {
             Ok(()) => {
                 // `keep` may have pinned it between the check and the
-                // delete: then it is put back, and this run stops.
-                if let (true, Some(bytes)) = (is_pinned(repo, &plan.server, id).await?, saved) {
-                    repo.put_back_manifest(&name, bytes).await?;
-                    return Err(EngineError::Refused(format!(
-                        "backup {id} of server {} was pinned while it was being removed; it was put back. \
-                         ({} backup(s) removed so far, no WAL); run again",
-                        plan.server, done.backups_removed
-                    )));
+                // delete: then it is put back, and this run stops. A pin
+                // lookup that fails counts as a pin (fail safe).
+                let pinned = is_pinned(repo, &plan.server, id).await;
+                if !matches!(pinned, Ok(false)) {
+                    if let Some(bytes) = saved {
+                        repo.put_back_manifest(&name, bytes).await.map_err(|e| {
+                            EngineError::Refused(format!(
+                                "backup {id} of server {} may have been pinned while it was being removed, \
+                                 and putting it back failed: {e}",
+                                plan.server
+                            ))
+                        })?;
+                    }
+                    return Err(match pinned {
+                        Err(e) => e,
+                        Ok(_) => EngineError::Refused(format!(
+                            "backup {id} of server {} was pinned while it was being removed; it was put back \
+                             ({} backup(s) removed so far, no WAL); run again",
+                            plan.server, done.backups_removed
+                        )),
+                    });
                 }
                 done.backups_removed += 1
             }

@@ -267,19 +267,21 @@ impl KdfParams {
     }
 
     /// Bounds on parameters read from a key object, which anyone with
-    /// write access to the storage can forge: no unlock may take hours or
-    /// the host's memory. 8 KiB to 4 GiB, 1 to 256 passes, 1 to 64 lanes.
+    /// write access to the storage can forge: no unlock may take minutes or
+    /// the host's memory. 8 KiB to 1 GiB, 1 to 64 passes, 1 to 64 lanes,
+    /// and at most 4 GiB-passes of work (the default is 192 MiB-passes).
     pub fn check(&self) -> Result<()> {
-        if (8..=4 << 20).contains(&self.m_cost)
-            && (1..=256).contains(&self.t_cost)
+        if (8..=1 << 20).contains(&self.m_cost)
+            && (1..=64).contains(&self.t_cost)
             && (1..=64).contains(&self.p_cost)
+            && u64::from(self.m_cost) * u64::from(self.t_cost) <= 4 << 20
         {
             Ok(())
         } else {
             Err(RepoError::invalid(
                 "argon2id parameters",
                 format!(
-                    "memory {} KiB, {} passes, {} lanes: outside what pgcairn accepts (8 KiB to 4 GiB, 1 to 256 passes, 1 to 64 lanes)",
+                    "memory {} KiB, {} passes, {} lanes: outside what pgcairn accepts (8 KiB to 1 GiB, 1 to 64 passes, 1 to 64 lanes, memory times passes at most 4 GiB)",
                     self.m_cost, self.t_cost, self.p_cost
                 ),
             ))

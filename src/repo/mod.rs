@@ -101,6 +101,11 @@ pub struct OpenOptions {
     /// For archive-push and archive-get, which run once per WAL file: see
     /// repo-format.md, "Key cache", for what this trades.
     pub key_cache: bool,
+    /// The caller has a passphrase for this repository: a config that says
+    /// "unencrypted" is then refused, since anyone who can write the
+    /// storage can replace the config, and must not be able to switch
+    /// pgcairn to reading and writing in the clear.
+    pub expect_encrypted: bool,
 }
 
 impl Default for OpenOptions {
@@ -115,6 +120,7 @@ impl Default for OpenOptions {
             index_flush_secs: 60,
             compression_level: None,
             key_cache: false,
+            expect_encrypted: false,
         }
     }
 }
@@ -432,6 +438,16 @@ impl Repository {
             Err(e) => return Err(e.into_repo("read", config::CONFIG_KEY)),
         };
         let (cfg, body, mac) = RepoConfig::decode(&cfg_bytes)?;
+        if opts.expect_encrypted && !cfg.encryption.is_encrypted() {
+            return Err(RepoError::invalid(
+                "config",
+                format!(
+                    "{url} says it is not encrypted, but a passphrase is configured for it: \
+                     if it was created with --encryption none, remove the passphrase setting; \
+                     otherwise its config was replaced by someone without the key (investigate before using it)"
+                ),
+            ));
+        }
         let repo_id = cfg.repo_id();
         if opts.key_cache {
             if let Some(master) = read_key_cache(&opts, &cfg, &body, &mac)? {
