@@ -275,8 +275,14 @@ fn concurrent_backups_archiving_expire_and_gc_killed_at_random() {
         .collect();
     assert!(!listed.is_empty(), "expire removed every backup");
     for id in &listed {
+        // Ids are the start second, or the next free one, unique among the
+        // backups that exist: with rounds faster than a second, ids run
+        // ahead of the clock, and a backup may take the id of one that the
+        // concurrent expire has just removed. The newest backup reporting
+        // an id is the one listed.
         let round = markers
             .iter()
+            .rev()
             .find(|(m, _)| m == id)
             .map(|(_, r)| *r)
             .unwrap_or_else(|| panic!("{id} is listed but no backup reported it: {markers:?}"));
