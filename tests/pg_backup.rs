@@ -30,6 +30,11 @@ fn backup_under_load_restores_and_starts() {
     let dir = user_dir();
     let d = dir.path();
     let mut src = Cluster::init(d, "src", &[]);
+    // pg_xact moved to another disk: backed up through the link, restored
+    // as a directory (without it the restored cluster cannot start).
+    let xact = d.join("xact-src");
+    std::fs::rename(src.pgdata.join("pg_xact"), &xact).unwrap();
+    std::os::unix::fs::symlink(&xact, src.pgdata.join("pg_xact")).unwrap();
     src.start();
     let ts_dir = d.join("ts-src");
     std::fs::create_dir_all(&ts_dir).unwrap();
@@ -114,6 +119,11 @@ fn backup_under_load_restores_and_starts() {
         text(&o)
     );
     assert!(!target.exists() && !ts_new.exists());
+    // The location may hold what is not this cluster's (a file system's
+    // lost+found): restored beside it, and left alone.
+    std::fs::create_dir_all(ts_new.join("lost+found")).unwrap();
+    std::fs::write(ts_new.join("lost+found/keep"), b"not ours").unwrap();
+    chown(&ts_new);
     let out = cairn.ok(&restore_args(tgt, &map));
     println!("{out}");
     assert!(!target.join("scratch").exists());
@@ -195,9 +205,34 @@ fn backup_under_load_restores_and_starts() {
     // Rewritten from the backup (PostgreSQL had grown it after the first
     // restore, so its size now is the backup's, not the truncated one).
     assert!(std::fs::metadata(&biggest.0).unwrap().len() > 8192);
+    assert!(std::fs::symlink_metadata(target.join("pg_xact"))
+        .unwrap()
+        .is_dir());
     dst.start();
     assert_eq!(digest(&dst), before);
     pgbench_consistent(&dst);
+    dst.stop();
+
+    // --delta with the tablespace relocated again: the link moves, and
+    // nothing in the old location is touched (it may be another copy's).
+    let files_in = |p: &std::path::Path| walkdir_count(p);
+    let old_files = files_in(&ts_new);
+    let ts_moved = d.join("ts-moved");
+    let map2 = format!("{}={}", ts_dir.display(), ts_moved.display());
+    let out = cairn.ok(&[restore_args(tgt, &map2), vec!["--delta"]].concat());
+    println!("{out}");
+    assert_eq!(files_in(&ts_new), old_files);
+    assert_eq!(
+        std::fs::read(ts_new.join("lost+found/keep")).unwrap(),
+        b"not ours"
+    );
+    let oid = meta["tablespaces"][0]["oid"].to_string();
+    assert_eq!(
+        std::fs::read_link(target.join("pg_tblspc").join(&oid)).unwrap(),
+        ts_moved
+    );
+    dst.start();
+    assert_eq!(digest(&dst), before);
     dst.stop();
 
     // A second backup after a small change stores a small fraction.
@@ -292,6 +327,24 @@ fn clear_errors_and_nothing_partial() {
     assert!(!o.status.success());
     assert!(
         text(&o).contains("is not the data directory"),
+        "{}",
+        text(&o)
+    );
+    let missing = format!("{pa}-missing");
+    let o = cairn.run(
+        &[
+            "backup",
+            "--server",
+            "a",
+            "--pgdata",
+            &missing,
+            "--conninfo",
+            &a.conninfo(),
+        ],
+        &[],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains(&format!("cannot access --pgdata {missing}")),
         "{}",
         text(&o)
     );
@@ -572,9 +625,10 @@ fn killed_backup_leaves_no_manifest_and_rerun_reuses_chunks() {
     child.wait().unwrap();
     let stored_before = count(&repo.join("packs"));
     let killed_bytes = dir_bytes(&repo.join("packs"));
-    assert_eq!(
-        cairn.ok(&["list", "--server", "killme"]).trim(),
-        "no backups"
+    let listed = cairn.ok(&["list", "--server", "killme"]);
+    assert!(
+        listed.starts_with("no backups of server killme in "),
+        "{listed}"
     );
     assert_eq!(
         count(&repo.join("manifests/backups")),
@@ -604,6 +658,20 @@ fn killed_backup_leaves_no_manifest_and_rerun_reuses_chunks() {
         extra < killed_bytes / 2,
         "the rerun stored again what the killed backup had stored: {extra} extra bytes of {killed_bytes}"
     );
+}
+
+/// Files under `dir`, at any depth.
+fn walkdir_count(dir: &std::path::Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            n += walkdir_count(&e.path());
+        } else {
+            n += 1;
+        }
+    }
+    n
 }
 
 fn dir_bytes(dir: &std::path::Path) -> u64 {

@@ -301,11 +301,14 @@ pub async fn register_server(repo: &Repository, server: &str, sysid: u64) -> Res
     }
 }
 
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
+/// Whether the server's data directory is `pgdata`; a path that cannot be
+/// resolved is an error naming it (ENOENT, EACCES), not "another directory".
+fn same_dir(server_dir: &Path, pgdata: &Path) -> Result<bool> {
+    let p = pgdata
+        .canonicalize()
+        .map_err(|e| EngineError::io(format!("cannot access --pgdata {}", pgdata.display()), e))?;
+    // The server's path may not be visible from here (another host).
+    Ok(server_dir.canonicalize().is_ok_and(|s| s == p))
 }
 
 /// Read pg_control until its CRC validates (the server may be writing it).
@@ -346,7 +349,7 @@ pub async fn run(
             "the server is a standby (in recovery); back up the primary (standby backups are not supported yet)".into(),
         ));
     }
-    if !same_dir(Path::new(&info.data_directory), &opts.pgdata) {
+    if !same_dir(Path::new(&info.data_directory), &opts.pgdata)? {
         return Err(EngineError::Refused(format!(
             "--pgdata {} is not the data directory of the server behind the connection ({}); fix --pgdata or --conninfo",
             opts.pgdata.display(),
@@ -371,7 +374,7 @@ pub async fn run(
             .create_temp_slot(&format!("pgcairn_{}", std::process::id()))
             .await?;
     }
-    let (previous, warning) = previous_backup(repo, &opts.server, info.block_size).await;
+    let (mut previous, warning) = previous_backup(repo, &opts.server, info.block_size).await;
     let deltas_against = previous.id.clone();
     let backup_id = free_backup_id(repo, &opts.server, start_time).await?;
     let label = opts
@@ -470,6 +473,10 @@ pub async fn run(
         entries.push(e);
     }
     let unchanged_files = unchanged_paths.len() as u64;
+    // Only the previous backup's bad pages are needed from here on; its
+    // chunk lists (as large as this backup's) go before the commit.
+    let previous_bad_pages = std::mem::take(&mut previous.bad_pages);
+    drop(previous);
     let ctl_bytes = read_pg_control(&opts.pgdata)?;
     let ctl_now = control::parse(&ctl_bytes)
         .ok_or_else(|| EngineError::Refused("pg_control is invalid".into()))?;
@@ -568,11 +575,9 @@ pub async fn run(
     let mut bad_pages = bad.lock().unwrap_or_else(|p| p.into_inner()).clone();
     // A damaged page in a file not read again is still there.
     bad_pages.extend(
-        previous
-            .bad_pages
-            .iter()
-            .filter(|b| unchanged_paths.contains(&b.path))
-            .cloned(),
+        previous_bad_pages
+            .into_iter()
+            .filter(|b| unchanged_paths.contains(&b.path)),
     );
     let meta = BackupMeta {
         server: opts.server.clone(),

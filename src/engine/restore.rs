@@ -6,7 +6,7 @@
 //! under a temporary name and renamed over the old one, so a symlink
 //! planted there is replaced, never followed.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -138,7 +138,15 @@ async fn write_content(
         .try_clone()
         .map_err(io(format!("opening {}", at.display())))?;
     let mut w = filewriter::FileWriter::new(dup, direct);
-    repo.restore_entry(e, &mut w).await?;
+    repo.restore_entry(e, &mut w)
+        .await
+        .map_err(|err| match err {
+            // The writer's errors (a full disk) name the file written.
+            crate::repo::RepoError::Io { source, .. } => {
+                EngineError::io(format!("writing {}", at.display()), source)
+            }
+            other => other.into(),
+        })?;
     w.finish()
         .map_err(io(format!("writing {}", at.display())))?;
     Ok(Written {
@@ -178,50 +186,40 @@ pub async fn run(
     let started = Instant::now();
     let m = repo.read_manifest(name).await?;
     let meta: BackupMeta = from_value(&m.meta, name)?;
-    // Every relocation names one of the backup's tablespaces: a typo must
-    // not restore a tablespace at its old place instead.
-    let mut locations = Vec::new();
-    for e in &m.entries {
-        let a = attrs_of(e)?;
-        if a.kind == "tablespace" {
-            locations.push(a.target.unwrap_or_default());
-        }
-    }
-    for (old, new) in &opts.tablespace_map {
-        if !locations.contains(old) {
-            let known = match locations.is_empty() {
-                true => "it has none".to_string(),
-                false => format!("its tablespaces are at {}", locations.join(", ")),
-            };
-            return Err(EngineError::Refused(format!(
-                "--tablespace-map {old}={new}: backup {name} has no tablespace at {old}; {known}"
-            )));
-        }
-    }
+    // Everything the restore will refuse is refused before anything is
+    // written: entry paths, tablespace locations, a running server.
+    let layout = Layout::plan(&m.entries, &opts.tablespace_map, &opts.target, name)?;
     let target = &opts.target;
-    if target.exists() {
-        if target.join("postmaster.pid").exists() {
-            return Err(EngineError::Refused(format!(
-                "{} has a postmaster.pid: a PostgreSQL server may be running there; stop it or choose another directory",
-                target.display()
-            )));
+    match std::fs::symlink_metadata(target) {
+        Ok(_) => {
+            let pid = target.join("postmaster.pid");
+            match std::fs::symlink_metadata(&pid) {
+                Ok(_) => {
+                    return Err(EngineError::Refused(format!(
+                        "{} has a postmaster.pid: a PostgreSQL server may be running there; stop it or \
+                         choose another directory (if no server runs there, a crash left the file: remove {})",
+                        target.display(),
+                        pid.display()
+                    )))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(EngineError::io(format!("stat {}", pid.display()), e)),
+            }
+            if !opts.delta && !is_empty_dir(target)? {
+                return Err(EngineError::Refused(format!(
+                    "{} is not empty; restore into an empty or new directory, or use --delta to restore over it",
+                    target.display()
+                )));
+            }
         }
-        if !opts.delta && !is_empty_dir(target)? {
-            return Err(EngineError::Refused(format!(
-                "{} is not empty; restore into an empty or new directory, or use --delta to restore over it",
-                target.display()
-            )));
-        }
-    } else {
-        create_dirs_durably(target)?;
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_dirs_durably(target)?,
+        Err(e) => return Err(EngineError::io(format!("stat {}", target.display()), e)),
     }
-    std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700))
+    if !opts.delta {
+        layout.check_tablespaces_empty()?;
+    }
+    std::fs::set_permissions(target, std::fs::Permissions::from_mode(layout.root_mode))
         .map_err(io(format!("chmod {}", target.display())))?;
-    let relocate: HashMap<&str, &str> = opts
-        .tablespace_map
-        .iter()
-        .map(|(a, b)| (a.as_str(), b.as_str()))
-        .collect();
 
     let mut removed = 0u64;
     if opts.delta {
@@ -233,13 +231,15 @@ pub async fn run(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(EngineError::io(format!("removing {}", ctl.display()), e)),
         }
-        let expected: HashSet<&str> = m.entries.iter().map(|e| e.path.as_str()).collect();
-        removed = prune(target, "", &expected)?;
+        removed = prune(target, "", &layout)?;
+        removed += layout.prune_tablespaces()?;
     }
 
     // Directories and tablespace links first (entries are sorted by path,
-    // so parents come before children).
+    // so parents come before children). Directory modes are set once the
+    // files are in (a directory recorded read-only must still be filled).
     let mut dirs = vec![target.clone()];
+    let mut modes = Vec::new();
     let mut map_lines = Vec::new();
     let mut files = Vec::new();
     for e in &m.entries {
@@ -249,50 +249,31 @@ pub async fn run(
             "dir" => {
                 std::fs::create_dir_all(&path)
                     .map_err(io(format!("creating {}", path.display())))?;
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(a.mode))
-                    .map_err(io(format!("chmod {}", path.display())))?;
+                modes.push((path.clone(), a.mode));
                 dirs.push(path);
             }
             "tablespace" => {
-                let orig = a.target.clone().unwrap_or_default();
-                let loc = relocate
-                    .get(orig.as_str())
-                    .map(|s| s.to_string())
-                    .unwrap_or(orig.clone());
-                let locp = PathBuf::from(&loc);
-                if opts.delta {
-                    match std::fs::read_link(&path) {
-                        Ok(t) if t == locp => {
-                            let oid = e.path.rsplit('/').next().unwrap_or_default();
-                            map_lines.push(format!("{oid} {loc}\n"));
-                            dirs.push(locp);
-                            continue;
-                        }
-                        Ok(_) => std::fs::remove_file(&path)
-                            .map_err(io(format!("removing {}", path.display())))?,
-                        Err(_) => {}
-                    }
+                let ts = layout.tablespace(&e.path)?;
+                let locp = &ts.location;
+                let linked = opts.delta && std::fs::read_link(&path).is_ok_and(|t| t == *locp);
+                if !linked {
+                    create_dirs_durably(locp)?;
+                    std::fs::set_permissions(locp, std::fs::Permissions::from_mode(0o700))
+                        .map_err(io(format!("chmod {}", locp.display())))?;
+                    std::os::unix::fs::symlink(locp, &path)
+                        .map_err(io(format!("linking {}", path.display())))?;
+                } else {
+                    create_dirs_durably(locp)?;
                 }
-                if locp.exists() && !is_empty_dir(&locp)? {
-                    return Err(EngineError::Refused(format!(
-                        "tablespace directory {loc} is not empty; relocate it with --tablespace-map {orig}=NEW_DIRECTORY"
-                    )));
-                }
-                create_dirs_durably(&locp)?;
-                std::fs::set_permissions(&locp, std::fs::Permissions::from_mode(0o700))
-                    .map_err(io(format!("chmod {loc}")))?;
-                std::os::unix::fs::symlink(&locp, &path)
-                    .map_err(io(format!("linking {}", path.display())))?;
-                let oid = e.path.rsplit('/').next().unwrap_or_default();
-                map_lines.push(format!("{oid} {loc}\n"));
-                dirs.push(locp);
+                map_lines.push(tablespace_map_line(&ts.oid, locp));
+                dirs.push(locp.clone());
             }
             "file" => files.push((e, path, a.mode, a.mtime)),
             other => {
                 return Err(EngineError::Refused(format!(
                     "{}: unknown entry kind {other:?}",
                     e.path
-                )));
+                )))
             }
         }
     }
@@ -372,6 +353,10 @@ pub async fn run(
     }
     let replaced_settings =
         crate::pg::recovery::write(target, opts.recovery.as_ref(), opts.archive_mode_off)?;
+    for (d, mode) in &modes {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(*mode))
+            .map_err(io(format!("chmod {}", d.display())))?;
+    }
     for d in &dirs {
         fsync_dir(d)?;
     }
@@ -602,9 +587,274 @@ fn keep_if_same(path: &Path, e: &Entry, mode: u32, mtime: i64) -> Result<bool> {
     Ok(true)
 }
 
-/// Remove everything under `dir` that is not an expected entry; follows
-/// expected tablespace links. Returns how many files and directories went.
-fn prune(dir: &Path, rel: &str, expected: &HashSet<&str>) -> Result<u64> {
+/// Where a backup's entries go, checked before anything is written: every
+/// path plain and relative, every tablespace at `pg_tblspc/<oid>` with an
+/// absolute location, no two locations overlapping each other or the
+/// target. A manifest is sealed, but whoever holds the key (every host
+/// that backs up) must not be able to make a restore write elsewhere.
+struct Layout<'a> {
+    /// Entry path → kind (`dir`, `file`, `tablespace`).
+    kinds: HashMap<&'a str, &'static str>,
+    /// By entry path (`pg_tblspc/<oid>`).
+    tablespaces: BTreeMap<&'a str, Tablespace>,
+    /// 0750 for a cluster made with group access (`global` is 0750), as
+    /// PostgreSQL allows; else 0700.
+    root_mode: u32,
+}
+
+struct Tablespace {
+    oid: String,
+    original: String,
+    /// After `--tablespace-map`.
+    location: PathBuf,
+    /// What the backup has directly in the location: this server's
+    /// `PG_<major>_<catversion>` directory. The rest of a location (another
+    /// major version's tree, `lost+found`) is not this cluster's.
+    owned: Vec<String>,
+}
+
+fn is_plain_relative(path: &str) -> bool {
+    !path.is_empty()
+        && !path.contains('\0')
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+impl<'a> Layout<'a> {
+    fn plan(
+        entries: &'a [Entry],
+        map: &[(String, String)],
+        target: &Path,
+        name: &str,
+    ) -> Result<Layout<'a>> {
+        let bad = |path: &str, why: &str| {
+            EngineError::Refused(format!(
+                "backup {name}: entry {path:?} {why}; nothing was written (run pgcairn verify)"
+            ))
+        };
+        let mut kinds = HashMap::new();
+        let mut tablespaces = BTreeMap::new();
+        let mut root_mode = 0o700;
+        for e in entries {
+            let a = attrs_of(e)?;
+            if !is_plain_relative(&e.path) {
+                return Err(bad(&e.path, "is not a plain relative path"));
+            }
+            let kind = match a.kind.as_str() {
+                "dir" => "dir",
+                "file" => "file",
+                "tablespace" => "tablespace",
+                other => {
+                    return Err(EngineError::Refused(format!(
+                    "backup {name}: {}: unknown entry kind {other:?} (written by a newer pgcairn?)",
+                    e.path
+                )))
+                }
+            };
+            if kinds.insert(e.path.as_str(), kind).is_some() {
+                return Err(bad(&e.path, "appears twice"));
+            }
+            if e.path == "global" && kind == "dir" && a.mode & 0o777 == 0o750 {
+                root_mode = 0o750;
+            }
+            if kind != "tablespace" {
+                continue;
+            }
+            let oid = match e.path.split_once('/') {
+                Some(("pg_tblspc", oid))
+                    if !oid.is_empty() && oid.bytes().all(|b| b.is_ascii_digit()) =>
+                {
+                    oid
+                }
+                _ => return Err(bad(&e.path, "is a tablespace outside pg_tblspc/<oid>")),
+            };
+            let original = a.target.clone().unwrap_or_default();
+            if !original.starts_with('/') || original.contains(['\n', '\r']) {
+                return Err(bad(
+                    &e.path,
+                    "has a tablespace location that is not an absolute path",
+                ));
+            }
+            let location = map
+                .iter()
+                .find(|(old, _)| *old == original)
+                .map_or_else(|| PathBuf::from(&original), |(_, new)| PathBuf::from(new));
+            tablespaces.insert(
+                e.path.as_str(),
+                Tablespace {
+                    oid: oid.to_string(),
+                    original,
+                    location,
+                    owned: Vec::new(),
+                },
+            );
+        }
+        // What lies under a tablespace link belongs to a tablespace.
+        for e in entries {
+            let mut parts = e.path.splitn(3, '/');
+            let (Some("pg_tblspc"), Some(oid), Some(rest)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let ts_path = &e.path[..("pg_tblspc/".len() + oid.len())];
+            match tablespaces.get_mut(ts_path) {
+                Some(ts) if !rest.contains('/') => ts.owned.push(rest.to_string()),
+                Some(_) => {}
+                // An in-place tablespace (allow_in_place_tablespaces) is a
+                // plain directory.
+                None if kinds.get(ts_path) == Some(&"dir") => {}
+                None => return Err(bad(&e.path, "lies in pg_tblspc outside any tablespace")),
+            }
+        }
+        // Every relocation names one of the backup's tablespaces: a typo
+        // must not restore a tablespace at its old place instead.
+        for (old, new) in map {
+            if !tablespaces.values().any(|t| t.original == *old) {
+                let locations: Vec<&str> =
+                    tablespaces.values().map(|t| t.original.as_str()).collect();
+                let known = match locations.is_empty() {
+                    true => "it has none".to_string(),
+                    false => format!("its tablespaces are at {}", locations.join(", ")),
+                };
+                return Err(EngineError::Refused(format!(
+                    "--tablespace-map {old}={new}: backup {name} has no tablespace at {old}; {known}"
+                )));
+            }
+            if !new.starts_with('/') || new.contains(['\n', '\r']) {
+                return Err(EngineError::Refused(format!(
+                    "--tablespace-map {old}={new}: the new location must be an absolute path"
+                )));
+            }
+        }
+        let target =
+            std::path::absolute(target).map_err(io(format!("resolving {}", target.display())))?;
+        let all: Vec<&Tablespace> = tablespaces.values().collect();
+        for (i, t) in all.iter().enumerate() {
+            let loc = &t.location;
+            if loc.starts_with(&target) || target.starts_with(loc) {
+                return Err(EngineError::Refused(format!(
+                    "tablespace {} would be restored at {}, which overlaps the target {}; \
+                     relocate it with --tablespace-map {}=NEW_DIRECTORY",
+                    t.oid,
+                    loc.display(),
+                    target.display(),
+                    t.original
+                )));
+            }
+            for u in &all[i + 1..] {
+                if loc.starts_with(&u.location) || u.location.starts_with(loc) {
+                    return Err(EngineError::Refused(format!(
+                        "tablespaces {} and {} would be restored at {} and {}, which overlap; \
+                         give each its own directory with --tablespace-map",
+                        t.oid,
+                        u.oid,
+                        loc.display(),
+                        u.location.display()
+                    )));
+                }
+            }
+        }
+        Ok(Layout {
+            kinds,
+            tablespaces,
+            root_mode,
+        })
+    }
+
+    fn tablespace(&self, path: &str) -> Result<&Tablespace> {
+        self.tablespaces
+            .get(path)
+            .ok_or_else(|| EngineError::Refused(format!("{path}: not a planned tablespace")))
+    }
+
+    /// Without `--delta`, what the backup puts in each location must not
+    /// be there yet (the rest of the location may hold anything).
+    fn check_tablespaces_empty(&self) -> Result<()> {
+        for t in self.tablespaces.values() {
+            let loc = &t.location;
+            match std::fs::symlink_metadata(loc) {
+                Ok(m) if !m.is_dir() => {
+                    return Err(EngineError::Refused(format!(
+                        "tablespace location {} is not a directory",
+                        loc.display()
+                    )))
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(EngineError::io(format!("stat {}", loc.display()), e)),
+            }
+            for n in &t.owned {
+                let p = loc.join(n);
+                let empty = match std::fs::symlink_metadata(&p) {
+                    Ok(m) => m.is_dir() && is_empty_dir(&p)?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+                    Err(e) => return Err(EngineError::io(format!("stat {}", p.display()), e)),
+                };
+                if !empty {
+                    return Err(EngineError::Refused(format!(
+                        "tablespace directory {} already holds {n}; relocate it with \
+                         --tablespace-map {}=NEW_DIRECTORY, or use --delta to restore over it",
+                        loc.display(),
+                        t.original
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// With `--delta`: prune this cluster's directories in each (final)
+    /// location, and only those.
+    fn prune_tablespaces(&self) -> Result<u64> {
+        let mut removed = 0;
+        for (ts_path, t) in &self.tablespaces {
+            for n in &t.owned {
+                let p = t.location.join(n);
+                let rel = format!("{ts_path}/{n}");
+                match std::fs::symlink_metadata(&p) {
+                    Ok(m) if m.is_dir() && self.kinds.get(rel.as_str()) == Some(&"dir") => {
+                        removed += prune(&p, &rel, self)?;
+                    }
+                    Ok(_) => {
+                        remove_path(&p)?;
+                        removed += 1;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(EngineError::io(format!("stat {}", p.display()), e)),
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// A tablespace_map line, with backslashes escaped as PostgreSQL writes
+/// and reads them (newlines are refused earlier).
+fn tablespace_map_line(oid: &str, location: &Path) -> String {
+    let loc = location.to_string_lossy().replace('\\', "\\\\");
+    format!("{oid} {loc}\n")
+}
+
+fn remove_path(p: &Path) -> Result<()> {
+    let m = std::fs::symlink_metadata(p).map_err(io(format!("stat {}", p.display())))?;
+    if m.is_dir() {
+        std::fs::remove_dir_all(p)
+    } else {
+        std::fs::remove_file(p)
+    }
+    .map_err(io(format!("removing {}", p.display())))
+}
+
+/// Remove everything under `dir` that the backup does not have as the same
+/// kind (a file where it has a directory goes, and the reverse). A
+/// `pg_wal` that is a link (initdb --waldir) is kept and emptied; a
+/// tablespace link is kept only if it already points at the tablespace's
+/// final location (its content is pruned by `prune_tablespaces`), and any
+/// other link is removed without touching what it points at. Returns how
+/// many files and directories went.
+fn prune(dir: &Path, rel: &str, layout: &Layout) -> Result<u64> {
     let mut removed = 0;
     for ent in std::fs::read_dir(dir).map_err(io(format!("listing {}", dir.display())))? {
         let ent = ent.map_err(io(format!("listing {}", dir.display())))?;
@@ -617,26 +867,28 @@ fn prune(dir: &Path, rel: &str, expected: &HashSet<&str>) -> Result<u64> {
         let path = ent.path();
         let meta =
             std::fs::symlink_metadata(&path).map_err(io(format!("stat {}", path.display())))?;
-        let keep = expected.contains(child.as_str());
-        if meta.file_type().is_symlink() {
-            // Tablespace links, and a pg_wal that is a link (initdb
-            // --waldir): kept, but their content is pruned too.
-            if keep && (rel == "pg_tblspc" || child == "pg_wal") {
-                removed += prune(&path, &child, expected)?;
-            } else if !keep {
-                std::fs::remove_file(&path).map_err(io(format!("removing {}", path.display())))?;
-                removed += 1;
+        let want = layout.kinds.get(child.as_str()).copied();
+        let keep = if meta.file_type().is_symlink() {
+            if child == "pg_wal" && want == Some("dir") {
+                removed += prune(&path, &child, layout)?;
+                true
+            } else {
+                want == Some("tablespace")
+                    && layout
+                        .tablespaces
+                        .get(child.as_str())
+                        .is_some_and(|t| std::fs::read_link(&path).is_ok_and(|l| l == t.location))
             }
         } else if meta.is_dir() {
-            if keep {
-                removed += prune(&path, &child, expected)?;
-            } else {
-                std::fs::remove_dir_all(&path)
-                    .map_err(io(format!("removing {}", path.display())))?;
-                removed += 1;
+            if want == Some("dir") {
+                removed += prune(&path, &child, layout)?;
             }
-        } else if !keep {
-            std::fs::remove_file(&path).map_err(io(format!("removing {}", path.display())))?;
+            want == Some("dir")
+        } else {
+            want == Some("file")
+        };
+        if !keep {
+            remove_path(&path)?;
             removed += 1;
         }
     }
@@ -668,6 +920,14 @@ mod tests {
         }
     }
 
+    fn layout(kinds: &[(&'static str, &'static str)]) -> Layout<'static> {
+        Layout {
+            kinds: kinds.iter().copied().collect(),
+            tablespaces: BTreeMap::new(),
+            root_mode: 0o700,
+        }
+    }
+
     #[test]
     fn delta_prune_empties_a_pg_wal_that_is_a_link() {
         let t = tempfile::tempdir().expect("tempdir");
@@ -682,8 +942,12 @@ mod tests {
         std::fs::create_dir_all(data.join("base")).expect("mkdir");
         std::fs::write(data.join("stray"), b"x").expect("write");
         std::os::unix::fs::symlink(&wal, data.join("pg_wal")).expect("link");
-        let expected: HashSet<&str> = ["base", "pg_wal", "pg_wal/archive_status"].into();
-        assert_eq!(prune(&data, "", &expected).expect("prune"), 3);
+        let l = layout(&[
+            ("base", "dir"),
+            ("pg_wal", "dir"),
+            ("pg_wal/archive_status", "dir"),
+        ]);
+        assert_eq!(prune(&data, "", &l).expect("prune"), 3);
         let left = |d: &Path| std::fs::read_dir(d).expect("list").count();
         assert_eq!(left(&wal), 1, "only archive_status stays in pg_wal");
         assert_eq!(left(&wal.join("archive_status")), 0);
@@ -693,6 +957,109 @@ mod tests {
             .expect("link")
             .is_symlink());
         assert!(!data.join("stray").exists());
+    }
+
+    /// A file where the backup has a directory and the reverse are
+    /// replaced; a link where it has a directory is removed, and what it
+    /// points at is left alone.
+    #[test]
+    fn delta_prune_replaces_what_changed_kind() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let (data, elsewhere) = (t.path().join("data"), t.path().join("elsewhere"));
+        std::fs::create_dir_all(data.join("was_dir/sub")).expect("mkdir");
+        std::fs::write(data.join("was_file"), b"x").expect("write");
+        std::fs::create_dir_all(&elsewhere).expect("mkdir");
+        std::fs::write(elsewhere.join("keep_me"), b"x").expect("write");
+        std::os::unix::fs::symlink(&elsewhere, data.join("linked")).expect("link");
+        let l = layout(&[("was_dir", "file"), ("was_file", "dir"), ("linked", "dir")]);
+        assert_eq!(prune(&data, "", &l).expect("prune"), 3);
+        assert_eq!(std::fs::read_dir(&data).expect("list").count(), 0);
+        assert!(elsewhere.join("keep_me").exists());
+    }
+
+    fn ts_entry(path: &str, kind: &str, target: Option<&str>) -> Entry {
+        let mut attrs = vec![
+            (
+                ciborium::Value::Text("kind".into()),
+                ciborium::Value::Text(kind.into()),
+            ),
+            (
+                ciborium::Value::Text("mode".into()),
+                ciborium::Value::Integer(0o700.into()),
+            ),
+            (
+                ciborium::Value::Text("mtime".into()),
+                ciborium::Value::Integer(0.into()),
+            ),
+        ];
+        if let Some(t) = target {
+            attrs.push((
+                ciborium::Value::Text("target".into()),
+                ciborium::Value::Text(t.into()),
+            ));
+        }
+        Entry {
+            attrs: ciborium::Value::Map(attrs),
+            ..entry(path, b"")
+        }
+    }
+
+    #[test]
+    fn a_layout_refuses_paths_and_locations_that_leave_the_target() {
+        let plan = |entries: &[Entry], map: &[(&str, &str)]| {
+            let map: Vec<(String, String)> = map
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect();
+            Layout::plan(entries, &map, Path::new("/restore/data"), "b")
+                .err()
+                .map(|e| e.to_string())
+        };
+        let refused = |entries: &[Entry], map: &[(&str, &str)], what: &str| {
+            let e = plan(entries, map).expect("refused");
+            assert!(e.contains(what), "{e}");
+        };
+        refused(&[ts_entry("../etc/x", "file", None)], &[], "plain relative");
+        refused(&[ts_entry("/etc/x", "file", None)], &[], "plain relative");
+        refused(&[ts_entry("base/./x", "file", None)], &[], "plain relative");
+        refused(
+            &[ts_entry("base", "tablespace", Some("/ts"))],
+            &[],
+            "outside pg_tblspc",
+        );
+        refused(
+            &[ts_entry("pg_tblspc/1", "tablespace", Some("ts"))],
+            &[],
+            "absolute",
+        );
+        refused(
+            &[ts_entry("pg_tblspc/1/PG_15_1/x", "file", None)],
+            &[],
+            "outside any tablespace",
+        );
+        let two = [
+            ts_entry("pg_tblspc/1", "tablespace", Some("/ts/a")),
+            ts_entry("pg_tblspc/2", "tablespace", Some("/ts/b")),
+        ];
+        assert_eq!(plan(&two, &[]), None);
+        refused(&two, &[("/ts/a", "/ts/b")], "overlap");
+        refused(&two, &[("/ts/a", "/ts/b/inner")], "overlap");
+        refused(
+            &two,
+            &[("/ts/a", "/restore/data/ts")],
+            "overlaps the target",
+        );
+        refused(&two, &[("/ts/c", "/x")], "no tablespace at /ts/c");
+        refused(&two, &[("/ts/a", "x")], "absolute");
+        let in_place = [
+            ts_entry("pg_tblspc/5", "dir", None),
+            ts_entry("pg_tblspc/5/PG_15_1", "dir", None),
+        ];
+        assert_eq!(plan(&in_place, &[]), None);
+        assert_eq!(
+            tablespace_map_line("16385", Path::new("/ts/a\\b")),
+            "16385 /ts/a\\\\b\n"
+        );
     }
 
     #[test]

@@ -145,6 +145,9 @@ pub fn tablespace_version_dir(version_num: i32, catalog_version: u32) -> String 
     format!("PG_{}_{catalog_version}", version_num / 10000)
 }
 
+/// Deeper than any data directory: only a link loop gets here.
+const MAX_DEPTH: usize = 64;
+
 fn walk_dir(
     dir: &Path,
     rel: &str,
@@ -152,6 +155,14 @@ fn walk_dir(
     version_dir: &str,
     out: &mut Vec<Item>,
 ) -> Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(PgError::Invalid {
+            path: dir.display().to_string(),
+            reason: format!(
+                "more than {MAX_DEPTH} directories deep: a symbolic link that loops? Remove the link"
+            ),
+        });
+    }
     let rd = match std::fs::read_dir(dir) {
         Ok(r) => r,
         // A directory removed after it was listed (a dropped database).
@@ -166,7 +177,9 @@ fn walk_dir(
             Err(n) => {
                 return Err(PgError::Invalid {
                     path: dir.join(n).display().to_string(),
-                    reason: "file name is not UTF-8".into(),
+                    reason: "file name is not UTF-8, which backups cannot record yet; \
+                             rename the file or move it out of the data directory"
+                        .into(),
                 })
             }
         }
@@ -260,10 +273,16 @@ fn walk_dir(
                 };
                 if tm.is_file() {
                     out.push(meta_item(child, abs, Kind::File, &tm));
-                } else if tm.is_dir() && rel.is_empty() && EMPTY_DIRS.contains(&name.as_str()) {
-                    // pg_stat_tmp on tmpfs, say: restored as the empty
-                    // directory PostgreSQL needs, as its base backup does.
-                    out.push(meta_item(child, abs, Kind::Dir, &tm));
+                } else if tm.is_dir() {
+                    // A directory moved to another disk (pg_xact, a
+                    // database's base/<oid>) is backed up through the link
+                    // and restored as a directory, as pgBackRest does. An
+                    // excluded one (pg_stat_tmp on tmpfs) is the empty
+                    // directory PostgreSQL needs, as in its base backup.
+                    out.push(meta_item(child.clone(), abs.clone(), Kind::Dir, &tm));
+                    if !(rel.is_empty() && EMPTY_DIRS.contains(&name.as_str())) {
+                        walk_dir(&abs, &child, depth + 1, version_dir, out)?;
+                    }
                 }
             }
             continue;
@@ -369,7 +388,6 @@ mod tests {
             "pg_wal/000000010000000000000001",
             "pg_replslot/slot/state",
             "pg_stat_tmp/x",
-            "pg_xact/0000",
         ] {
             std::fs::write(p.join(f), b"x").unwrap();
         }
@@ -388,6 +406,17 @@ mod tests {
         std::fs::create_dir_all(&notify).unwrap();
         std::fs::write(notify.join("0000"), b"x").unwrap();
         std::os::unix::fs::symlink(&notify, p.join("pg_notify")).unwrap();
+        // pg_xact and a database moved to another disk: backed up through
+        // the links, as directories.
+        let xact = elsewhere.path().join("xact");
+        std::fs::create_dir_all(&xact).unwrap();
+        std::fs::write(xact.join("0000"), b"x").unwrap();
+        std::fs::remove_dir_all(p.join("pg_xact")).unwrap();
+        std::os::unix::fs::symlink(&xact, p.join("pg_xact")).unwrap();
+        let db6 = elsewhere.path().join("db6");
+        std::fs::create_dir_all(&db6).unwrap();
+        std::fs::write(db6.join("16384"), b"x").unwrap();
+        std::os::unix::fs::symlink(&db6, p.join("base/6")).unwrap();
         let items = walk(p, "PG_15_1").unwrap();
         let rels: Vec<&str> = items.iter().map(|i| i.rel.as_str()).collect();
         let want = [
@@ -397,6 +426,8 @@ mod tests {
             "base/5/16384",
             "base/5/16384.1",
             "base/5/16390_init",
+            "base/6",
+            "base/6/16384",
             "global",
             "global/1262",
             "global/pg_control",
@@ -423,6 +454,13 @@ mod tests {
         assert_eq!(seg("pg_tblspc/16400/PG_15_1/5/16500"), Some(0));
         let kind = |r: &str| &items.iter().find(|i| i.rel == r).unwrap().kind;
         assert!(matches!(kind("pg_notify"), Kind::Dir));
+        assert!(matches!(kind("pg_xact"), Kind::Dir));
+        assert!(matches!(kind("base/6"), Kind::Dir));
+        assert_eq!(seg("base/6/16384"), Some(0));
+        // A link that loops is an error naming it, not a hang.
+        std::os::unix::fs::symlink(p, p.join("base/loop")).unwrap();
+        let e = walk(p, "PG_15_1").unwrap_err().to_string();
+        assert!(e.contains("loops"), "{e}");
         assert!(matches!(kind("pg_tblspc/16400"), Kind::TablespaceLink(_)));
     }
 }
