@@ -12,6 +12,8 @@ async fn listing_an_unreachable_store_fails() {
     std::env::set_var("AWS_ACCESS_KEY_ID", "x");
     std::env::set_var("AWS_SECRET_ACCESS_KEY", "x");
     std::env::set_var("AWS_REGION", "us-east-1");
+    // Give up after about a second (the default retries for two minutes).
+    std::env::set_var("PGCAIRN_STORAGE_RETRY_SECS", "1");
     let b = pgcairn::repo::backend::open("s3://pgcairn-test/dead", false).expect("open");
     let listed = pgcairn::repo::backend::list(&*b, "keys/").await;
     let err = listed.expect_err("listing an unreachable store must fail");

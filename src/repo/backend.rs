@@ -208,13 +208,27 @@ impl ObjectStoreBackend {
                     return Err(bad("empty path".into()));
                 }
                 if create {
-                    std::fs::create_dir_all(&path)
+                    // Durable in its parent, as everything written into it.
+                    super::durable::create_dirs(&path)
                         .map_err(|e| RepoError::io(format!("creating {}", path.display()), e))?;
-                } else if !path.is_dir() {
-                    return Err(RepoError::NoRepository {
-                        url: url.to_string(),
-                        reason: "directory does not exist".into(),
-                    });
+                } else {
+                    match std::fs::metadata(&path) {
+                        Ok(m) if m.is_dir() => {}
+                        Ok(_) => return Err(bad("not a directory".into())),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            return Err(RepoError::NoRepository {
+                                url: url.to_string(),
+                                reason: "directory does not exist".into(),
+                            })
+                        }
+                        // EACCES is not "no repository": that would point at init.
+                        Err(e) => {
+                            return Err(RepoError::io(
+                                format!("opening the repository directory {}", path.display()),
+                                e,
+                            ))
+                        }
+                    }
                 }
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(&path)
                     .map_err(|e| bad(e.to_string()))?
@@ -289,13 +303,24 @@ impl ObjectStoreBackend {
 /// not retried. `AWS_TIMEOUT`, `GOOGLE_TIMEOUT` or `AZURE_TIMEOUT` override it.
 const REQUEST_TIMEOUT: &str = "10m";
 
-/// HTTP-level retries inside `object_store`; [`Retrying`] adds a few more
-/// around whole operations.
+/// HTTP-level retries inside `object_store`, for up to
+/// `PGCAIRN_STORAGE_RETRY_SECS` (default 120): a storage restart or a burst
+/// of 503 SlowDown must not fail an hours-long backup or a restore (with
+/// object_store's 4 quick retries, about 3 s did). [`Retrying`] adds one
+/// more around whole operations.
 fn retry_config() -> object_store::RetryConfig {
+    let secs = std::env::var("PGCAIRN_STORAGE_RETRY_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(120);
     object_store::RetryConfig {
-        backoff: object_store::BackoffConfig::default(),
-        max_retries: 4,
-        retry_timeout: Duration::from_secs(60),
+        backoff: object_store::BackoffConfig {
+            init_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(15),
+            base: 2.0,
+        },
+        max_retries: 20,
+        retry_timeout: Duration::from_secs(secs),
     }
 }
 
@@ -366,12 +391,19 @@ impl Backend for ObjectStoreBackend {
         } else {
             Some(store_path(prefix.trim_end_matches('/'))?)
         };
-        self.store
+        let mut out: Vec<ObjectInfo> = self
+            .store
             .list(p.as_ref())
             .map_ok(info)
             .try_collect()
             .await
-            .map_err(|e| self.classify(e))
+            .map_err(|e| self.classify(e))?;
+        // A "folder" marker (`keys/`, made by a console or s3fs) lists as
+        // the prefix itself: it is no object of the repository.
+        if let Some(p) = &p {
+            out.retain(|o| o.key != p.as_ref());
+        }
+        Ok(out)
     }
 
     async fn delete(&self, key: &str) -> BResult<()> {
@@ -508,6 +540,16 @@ pub async fn probe_create_if_absent(b: &dyn Backend) -> Result<()> {
         .await
     {
         Ok(()) | Err(BackendError::AlreadyExists) => {}
+        // Object stores answer 404 to a write when the bucket is missing.
+        Err(BackendError::NotFound) => {
+            return Err(RepoError::invalid(
+                "storage",
+                format!(
+                    "{}: the bucket or container does not exist (or is not at this endpoint or region); create it first",
+                    b.location()
+                ),
+            ))
+        }
         Err(e) => return Err(e.into_repo("create", &key)),
     }
     let second = b

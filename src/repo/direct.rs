@@ -150,6 +150,77 @@ fn write_all_direct(file: &File, data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Every object under `prefix` (a directory), complete or an error.
+/// object_store's local listing leaves out an entry whose `lstat` fails
+/// for any reason (EACCES, EIO): an index or manifest missing from a
+/// listing that says it is complete would let the collector sweep packs
+/// still in use. Only an entry removed since the directory was read is
+/// left out. Staging files (`KEY#N`) are not objects.
+fn list_local(root: &Path, prefix: &str) -> BResult<Vec<ObjectInfo>> {
+    let fail = |p: &Path, e: std::io::Error| failed("listing", p, e);
+    let top = if prefix.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(prefix)
+    };
+    let mut out = Vec::new();
+    let mut dirs = vec![top];
+    let mut first = true;
+    while let Some(dir) = dirs.pop() {
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            // No such prefix (yet), or a directory removed meanwhile.
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            // A prefix naming a file lists nothing, as in object_store.
+            Err(e) if first && e.raw_os_error() == Some(libc::ENOTDIR) => continue,
+            Err(e) => return Err(fail(&dir, e)),
+        };
+        first = false;
+        for entry in rd {
+            let entry = entry.map_err(|e| fail(&dir, e))?;
+            let path = entry.path();
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(fail(&path, e)),
+            };
+            if meta.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                return Err(BackendError::Permanent(
+                    format!(
+                        "{}: a file name that is not UTF-8 in the repository",
+                        path.display()
+                    )
+                    .into(),
+                ));
+            };
+            if name.contains('#') {
+                continue;
+            }
+            let rel = path.strip_prefix(root).map_err(|_| {
+                BackendError::Permanent(
+                    format!("{} is outside the repository", path.display()).into(),
+                )
+            })?;
+            let modified = meta
+                .modified()
+                .map_err(|e| fail(&path, e))?
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            out.push(ObjectInfo {
+                key: rel.to_string_lossy().into_owned(),
+                size: meta.len(),
+                modified,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
 #[async_trait]
 impl<B: Backend> Backend for LocalDirect<B> {
     fn location(&self) -> String {
@@ -185,7 +256,11 @@ impl<B: Backend> Backend for LocalDirect<B> {
         self.inner.head(key).await
     }
     async fn list(&self, prefix: &str) -> BResult<Vec<ObjectInfo>> {
-        self.inner.list(prefix).await
+        let root = self.root.clone();
+        let prefix = prefix.trim_end_matches('/').to_string();
+        tokio::task::spawn_blocking(move || list_local(&root, &prefix))
+            .await
+            .map_err(|e| BackendError::Permanent(Box::new(e)))?
     }
     async fn delete(&self, key: &str) -> BResult<()> {
         self.inner.delete(key).await
@@ -243,6 +318,42 @@ mod tests {
         assert_eq!(b.get("packs/cd/cde").await.unwrap(), even);
         b.put("index/x", data(10), WriteMode::Create).await.unwrap();
         assert_eq!(b.get("index/x").await.unwrap(), data(10));
+    }
+
+    #[tokio::test]
+    async fn a_listing_is_complete_or_an_error() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let b = LocalDirect::new(
+            ObjectStoreBackend::open(t.path().to_str().expect("utf-8"), true).expect("open"),
+            t.path().to_path_buf(),
+        );
+        b.put("index/aa", Bytes::from_static(b"x"), WriteMode::Create)
+            .await
+            .expect("put");
+        b.put("index/bb", Bytes::from_static(b"xy"), WriteMode::Create)
+            .await
+            .expect("put");
+        std::fs::write(t.path().join("index/cc#3"), b"staging").expect("write");
+        let keys = |v: Vec<ObjectInfo>| v.into_iter().map(|o| o.key).collect::<Vec<_>>();
+        assert_eq!(
+            keys(b.list("index/").await.expect("list")),
+            ["index/aa", "index/bb"]
+        );
+        assert_eq!(
+            keys(b.list("nothing/").await.expect("list")),
+            Vec::<String>::new()
+        );
+        // Readable but not searchable: every stat fails. Root ignores
+        // permissions, so only check when they apply.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = t.path().join("index");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        if std::fs::metadata(dir.join("aa")).is_err() {
+            b.list("index/")
+                .await
+                .expect_err("a listing that cannot stat must fail");
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
 
     #[tokio::test]

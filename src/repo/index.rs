@@ -44,6 +44,8 @@ use super::pack::{ChunkKind, PackEntry};
 
 pub const INDEX_PREFIX: &str = "index/";
 const ENTRY_LEN: usize = 49;
+/// Far above any page written (1024 entries of at most 81 bytes, sealed).
+const MAX_PAGE_BYTES: u32 = 256 << 20;
 
 /// Where a chunk lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -362,7 +364,39 @@ impl IndexSet {
         if loaded.len() != before {
             self.changed();
         }
+        drop(loaded);
+        self.prune_cache(&names);
         Ok(())
+    }
+
+    /// Remove cached copies of objects the store no longer lists (the
+    /// collector superseded them) and temporary files of killed
+    /// processes, once no process has loaded them for a week: another
+    /// process may still read pages from a copy it loaded. Without this the
+    /// cache (on the database's file system, for the postgres user) grows
+    /// by an object per archived WAL file for ever. Only after a complete
+    /// listing; a failure leaves files for a later run.
+    fn prune_cache(&self, listed: &HashSet<String>) {
+        const UNUSED: std::time::Duration = std::time::Duration::from_secs(7 * 86400);
+        let Ok(rd) = std::fs::read_dir(&self.cache_dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(n) = name.to_str() else { continue };
+            if !n.starts_with('.') && listed.contains(n) {
+                continue;
+            }
+            let unused = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > UNUSED);
+            if unused && e.file_type().is_ok_and(|t| t.is_file()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     /// Like `refresh`, but every object is read from the store again, and
@@ -486,8 +520,13 @@ impl IndexSet {
                 && f.loaded.iter().zip(&loaded).all(|(a, b)| Arc::ptr_eq(a, b))
         });
         let from = base.map_or(0, |f| f.loaded.len());
-        let mut added =
-            Vec::with_capacity(loaded[from..].iter().map(|l| l.dir.entries as usize).sum());
+        let mut added = Vec::with_capacity(
+            loaded[from..]
+                .iter()
+                .map(|l| l.dir.entries as usize)
+                .sum::<usize>()
+                .min(1 << 24),
+        );
         for (i, l) in loaded.iter().enumerate().skip(from) {
             for no in 0..l.dir.pages.len() as u32 {
                 self.filter_pages_read.fetch_add(1, Ordering::Relaxed);
@@ -552,6 +591,11 @@ impl IndexSet {
             if meta.len() == size {
                 let bytes = read_tail(&path, &object)?;
                 if let Ok(dir) = self.read_directory_tail(&bytes.0, bytes.1, &object) {
+                    // The mtime says when a process last loaded it, so the
+                    // cache pruning never removes a copy still in use.
+                    if let Ok(f) = std::fs::File::open(&path) {
+                        let _ = f.set_modified(std::time::SystemTime::now());
+                    }
                     return Ok(Loaded::new(name, path, dir));
                 }
             }
@@ -626,6 +670,14 @@ impl IndexSet {
         let pr = &l.dir.pages[no as usize];
         let f = std::fs::File::open(&l.file)
             .map_err(|e| RepoError::io(format!("opening cached {}", l.file.display()), e))?;
+        // A page holds at most index_page_entries entries of at most 81
+        // bytes; a directory saying more is damaged, not an allocation.
+        if pr.length > MAX_PAGE_BYTES {
+            return Err(RepoError::corrupt(
+                object,
+                format!("page {no} claims {} bytes", pr.length),
+            ));
+        }
         let mut buf = vec![0u8; pr.length as usize];
         f.read_exact_at(&mut buf, pr.offset)
             .map_err(|e| RepoError::io(format!("reading cached {}", l.file.display()), e))?;
@@ -644,7 +696,7 @@ impl IndexSet {
                 ));
             }
         };
-        let mut entries = Vec::with_capacity(pr.count as usize);
+        let mut entries = Vec::with_capacity((pr.count as usize).min(plain.len() / ENTRY_LEN));
         let mut rest = &plain[..];
         while !rest.is_empty() {
             if rest.len() < ENTRY_LEN {
@@ -899,5 +951,28 @@ mod tests {
             ChunkId([7; 32])
         );
         assert_eq!(set.filter_pages_read.load(Ordering::Relaxed), read + 2);
+        // The removed object's cached copy goes once unused for a week,
+        // with a killed process's temporary file; what is listed stays.
+        let cache = dir.path().join("cache");
+        let week_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(8 * 86400);
+        std::fs::write(cache.join(".x.123"), b"tmp").unwrap();
+        std::fs::write(cache.join("recent-unlisted"), b"r").unwrap();
+        for f in [&name, &name2, &".x.123".to_string()] {
+            std::fs::File::open(cache.join(f))
+                .unwrap()
+                .set_modified(week_ago)
+                .unwrap();
+        }
+        set.refresh().await.unwrap();
+        let left: HashSet<String> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            left,
+            [name2.clone(), "recent-unlisted".to_string()]
+                .into_iter()
+                .collect()
+        );
     }
 }

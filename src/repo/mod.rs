@@ -374,8 +374,10 @@ impl Repository {
         backend::put_immutable(&*backend, &key_object(&key_id), Bytes::from(kf.encode()?)).await?;
         let cfg_bytes = cfg.encode(&keys.mac)?;
         match backend::put_immutable(&*backend, config::CONFIG_KEY, Bytes::from(cfg_bytes)).await {
-            Ok(PutOutcome::Created) => {}
-            Ok(PutOutcome::AlreadyPresent) | Err(RepoError::Conflict { .. }) => {
+            // The same bytes (a fresh repository id) can only be this
+            // init's own create, retried after it landed.
+            Ok(PutOutcome::Created) | Ok(PutOutcome::AlreadyPresent) => {}
+            Err(RepoError::Conflict { .. }) => {
                 return Err(RepoError::AlreadyInitialized { url: url.into() })
             }
             Err(e) => return Err(e),
@@ -584,7 +586,8 @@ impl Repository {
     /// The entry list of an opened manifest document, with the index as
     /// currently loaded.
     pub(crate) async fn read_entries(&self, name: &str, doc: ManifestDoc) -> Result<Manifest> {
-        let mut body = Vec::with_capacity(doc.body_len as usize);
+        // A capacity hint only: the length is checked once read.
+        let mut body = Vec::with_capacity((doc.body_len as usize).min(64 << 20));
         read::read_refs(&self.inner, &doc.body, &mut body).await?;
         let object = manifest_object(name);
         if body.len() as u64 != doc.body_len || blake3::hash(&body).as_bytes() != &doc.body_hash.0 {
@@ -644,10 +647,16 @@ impl Repository {
         let keys = backend::list(b, KEYS_PREFIX).await?;
         let leases = backend::list(b, LEASES_PREFIX).await?;
         let names = self.list_manifests("").await?;
-        let mut logical = 0u64;
-        for n in &names {
-            logical += self.read_manifest_doc(n).await?.logical_bytes;
-        }
+        // One small read per manifest (one per archived WAL file too):
+        // many at once, as on object storage each is a round trip.
+        let logical: u64 = {
+            use futures::{StreamExt as _, TryStreamExt as _};
+            futures::stream::iter(names.iter().map(|n| self.read_manifest_doc(n)))
+                .buffer_unordered(32)
+                .map_ok(|d| d.logical_bytes)
+                .try_fold(0u64, |acc, b| async move { Ok(acc + b) })
+                .await?
+        };
         let stored: u64 = packs.iter().map(|p| p.size).sum();
         let (index_objects, index_entries, _, _) = self.inner.index.stats();
         let c = &self.inner.config;

@@ -19,6 +19,7 @@ use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsAuthori
 use object_store::client::{ClientOptions, HttpClient, HttpConnector, ReqwestConnector};
 use object_store::multipart::MultipartStore;
 use object_store::path::Path as StorePath;
+use object_store::ClientConfigKey;
 use serde::Deserialize;
 
 use super::backend::{BResult, BackendError};
@@ -226,14 +227,32 @@ impl S3Uploads {
         let region = cfg(AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".into());
         let virtual_hosted = cfg(AmazonS3ConfigKey::VirtualHostedStyleRequest)
             .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        let endpoint = cfg(AmazonS3ConfigKey::Endpoint);
+        // As object_store resolves it: the S3-specific endpoint first.
+        let endpoint =
+            cfg(AmazonS3ConfigKey::S3Endpoint).or_else(|| cfg(AmazonS3ConfigKey::Endpoint));
         let bucket_url = match (endpoint, virtual_hosted) {
             (Some(e), true) => e.trim_end_matches('/').to_string(),
             (Some(e), false) => format!("{}/{bucket}", e.trim_end_matches('/')),
             (None, true) => format!("https://{bucket}.s3.{region}.amazonaws.com"),
             (None, false) => format!("https://s3.{region}.amazonaws.com/{bucket}"),
         };
-        let options = ClientOptions::new().with_allow_http(bucket_url.starts_with("http://"));
+        // The store's own client settings (certificates, proxy, timeouts).
+        let mut options = ClientOptions::new().with_allow_http(bucket_url.starts_with("http://"));
+        for k in [
+            ClientConfigKey::AllowInvalidCertificates,
+            ClientConfigKey::NoSystemCertificates,
+            ClientConfigKey::ConnectTimeout,
+            ClientConfigKey::Timeout,
+            ClientConfigKey::Http1Only,
+            ClientConfigKey::Http2Only,
+            ClientConfigKey::ProxyUrl,
+            ClientConfigKey::ProxyCaCertificate,
+            ClientConfigKey::ProxyExcludes,
+        ] {
+            if let Some(v) = cfg(AmazonS3ConfigKey::Client(k)) {
+                options = options.with_config(k, v);
+            }
+        }
         let client = ReqwestConnector::default()
             .connect(&options)
             .map_err(|e| e.to_string())?;
