@@ -19,6 +19,9 @@ pub struct PassphraseSource {
     pub env_value: bool,
     pub file: Option<PathBuf>,
     pub command: Option<String>,
+    /// Which setting it is, for messages: a stray `PGCAIRN_PASSPHRASE`
+    /// beats the config file without a word otherwise.
+    pub origin: &'static str,
 }
 
 /// Refuse secret files that others can read or that someone else owns.
@@ -62,26 +65,43 @@ impl PassphraseSource {
     ) -> Self {
         let env_file = || std::env::var_os("PGCAIRN_PASSPHRASE_FILE").map(PathBuf::from);
         let env_command = || std::env::var("PGCAIRN_PASSPHRASE_COMMAND").ok();
-        let (file, command) = if flag_file.is_some() {
-            (flag_file, None)
+        let (file, command, origin) = if flag_file.is_some() {
+            (flag_file, None, "--passphrase-file")
         } else if std::env::var_os("PGCAIRN_PASSPHRASE").is_some() {
             return PassphraseSource {
                 env_value: true,
+                origin: "PGCAIRN_PASSPHRASE",
                 ..PassphraseSource::default()
             };
         } else if let Some(f) = env_file() {
-            (Some(f), None)
+            (Some(f), None, "PGCAIRN_PASSPHRASE_FILE")
         } else if let Some(c) = env_command() {
-            (None, Some(c))
+            (None, Some(c), "PGCAIRN_PASSPHRASE_COMMAND")
         } else if config_file.is_some() {
-            (config_file, None)
+            (config_file, None, "passphrase_file in the config file")
+        } else if config_command.is_some() {
+            (
+                None,
+                config_command,
+                "passphrase_command in the config file",
+            )
         } else {
-            (None, config_command)
+            (None, None, "the prompt")
         };
         PassphraseSource {
             env_value: false,
             file,
             command,
+            origin,
+        }
+    }
+
+    /// Where the passphrase came from, for an error that rejects it.
+    pub fn describe(&self) -> String {
+        match (&self.file, &self.command) {
+            (Some(f), _) => format!("{} ({})", self.origin, f.display()),
+            (None, Some(c)) => format!("{} (`{c}`)", self.origin),
+            _ => self.origin.to_string(),
         }
     }
 
@@ -115,7 +135,10 @@ impl PassphraseSource {
                 .output()
                 .map_err(|e| format!("cannot run passphrase command: {e}"))?;
             if !out.status.success() {
-                return Err(format!("passphrase command failed with {}", out.status));
+                return Err(format!(
+                    "passphrase command `{c}` ({}) failed with {}",
+                    self.origin, out.status
+                ));
             }
             return non_empty(trim_newline(out.stdout))
                 .map_err(|_| format!("passphrase command `{c}` printed nothing"));
@@ -123,7 +146,8 @@ impl PassphraseSource {
         if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
             let p =
                 rpassword::prompt_password("Repository passphrase: ").map_err(|e| e.to_string())?;
-            return Ok(Zeroizing::new(p.into_bytes()));
+            return non_empty(Zeroizing::new(p.into_bytes()))
+                .map_err(|_| "the passphrase entered is empty".into());
         }
         Err("no passphrase: set PGCAIRN_PASSPHRASE, PGCAIRN_PASSPHRASE_FILE (mode 0600) or PGCAIRN_PASSPHRASE_COMMAND, or run on a terminal".into())
     }

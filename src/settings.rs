@@ -55,6 +55,58 @@ impl Settings {
             }
             Err(e) => return Err(format!("cannot read config file {}: {e}", path.display())),
         };
-        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+        let mut s: Settings =
+            toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+        // Relative paths in the file are relative to the file, not to
+        // wherever a command runs (PostgreSQL runs archive_command in its
+        // data directory).
+        let base = std::path::absolute(&path)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_default();
+        let anchor = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        let r = &mut s.repository;
+        if let Some(u) = r.url.as_mut().filter(|u| !u.contains("://")) {
+            let mut p = PathBuf::from(&*u);
+            anchor(&mut p);
+            *u = p.to_string_lossy().into_owned();
+        }
+        r.passphrase_file.as_mut().map(anchor);
+        r.cache_dir.as_mut().map(anchor);
+        for srv in s.server.values_mut() {
+            srv.pgdata.as_mut().map(anchor);
+        }
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn relative_paths_are_relative_to_the_file() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let f = t.path().join("pgcairn.toml");
+        std::fs::write(
+            &f,
+            "[repository]\nurl = \"repo\"\npassphrase_file = \"/abs/pw\"\ncache_dir = \"c\"\n\
+             [server.main]\npgdata = \"data\"\n",
+        )
+        .expect("write");
+        let s = super::Settings::load(Some(&f)).expect("load");
+        let under = |p: &str| t.path().join(p);
+        assert_eq!(
+            s.repository.url.as_deref(),
+            Some(&*under("repo").to_string_lossy())
+        );
+        assert_eq!(
+            s.repository.passphrase_file.as_deref(),
+            Some(std::path::Path::new("/abs/pw"))
+        );
+        assert_eq!(s.repository.cache_dir, Some(under("c")));
+        assert_eq!(s.server["main"].pgdata, Some(under("data")));
     }
 }

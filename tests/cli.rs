@@ -60,6 +60,11 @@ fn init_info_and_wrong_passphrase() {
     let o = e.cmd(&["info"], &[("PGCAIRN_PASSPHRASE", "wrong")]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("wrong passphrase"), "{}", text(&o));
+    assert!(
+        text(&o).contains("passphrase from PGCAIRN_PASSPHRASE"),
+        "{}",
+        text(&o)
+    );
 
     // No passphrase source and no terminal: a clear error, not a hang.
     let o = e.cmd(&["info"], &[]);
@@ -196,6 +201,11 @@ fn config_file_and_passphrase_command() {
     let o = run(&["--config", &c, "info"]);
     assert!(!o.status.success());
     assert!(text(&o).contains("wrong passphrase"), "{}", text(&o));
+    assert!(
+        text(&o).contains("passphrase_command in the config file (`printf nope`)"),
+        "{}",
+        text(&o)
+    );
     // The environment beats the config file, as for every setting.
     let with_env = |k: &str, v: &str| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgcairn"));

@@ -132,7 +132,7 @@ fn archive_push_and_point_in_time_recovery() {
         "json",
     ]);
     let checks: serde_json::Value = serde_json::from_str(&checked).unwrap();
-    assert_eq!(checks.as_array().unwrap().len(), 6, "{checked}");
+    assert_eq!(checks.as_array().unwrap().len(), 7, "{checked}");
     assert!(
         checks.as_array().unwrap().iter().all(|c| c["ok"] == true),
         "{checked}"
@@ -378,6 +378,58 @@ fn check_reports_what_is_missing() {
         .as_str()
         .unwrap()
         .contains("archive_mode = on"));
+    // A password in the conninfo is never printed.
+    let with_pw = format!("{} password=s3cret", c.conninfo());
+    let o = cairn.run(
+        &[
+            "check",
+            "--server",
+            "x",
+            "--conninfo",
+            &with_pw,
+            "--timeout",
+            "1",
+        ],
+        &[],
+    );
+    assert!(text(&o).contains("password=***"), "{}", text(&o));
+    assert!(!text(&o).contains("s3cret"), "{}", text(&o));
+    // Server x registered as another cluster: named, and no WAL wait.
+    let other = Cluster::init(d, "other", &[]);
+    let seg = other.pgdata.join("pg_wal/000000010000000000000001");
+    cairn.ok(&["archive-push", "--server", "x", &seg.to_string_lossy()]);
+    let o = cairn.run(
+        &[
+            "check",
+            "--server",
+            "x",
+            "--conninfo",
+            &c.conninfo(),
+            "--format",
+            "json",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let checks: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<&str> = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(!names.contains(&"wal archiving"), "{names:?}");
+    let sysid = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "system identifier")
+        .unwrap();
+    assert_eq!(sysid["ok"], false, "{sysid}");
+    assert!(sysid["hint"]
+        .as_str()
+        .unwrap()
+        .contains("another server name"));
     c.stop();
     let o = cairn.run(
         &["check", "--server", "x", "--conninfo", &c.conninfo()],
@@ -385,6 +437,7 @@ fn check_reports_what_is_missing() {
     );
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("connection       FAILED"), "{}", text(&o));
+    assert!(text(&o).contains("backup wal"), "{}", text(&o));
 }
 
 /// A timeline that forked before a backup ended cannot be reached from it:

@@ -37,7 +37,10 @@ pub async fn run(ctx: &Ctx, a: ArchiveGetArgs) -> Result<u8> {
     };
     if std::env::var_os(FILLER_ENV).is_some() {
         run_filler(&repo, &server, &spool).await;
-        return Ok(0);
+        // Nothing reads the filler's exit code; were the variable ever in
+        // PostgreSQL's environment, 0 without a file would read as
+        // "absent" and end recovery.
+        return Ok(255);
     }
     match get_spooled(&repo, &server, &a.file, &a.dest, &spool).await? {
         GetOutcome::Restored => {

@@ -22,7 +22,7 @@ pub async fn run(ctx: &Ctx, a: ArchivePushArgs) -> Result<()> {
         .await?
         .outcome
     {
-        eprintln!(
+        warnln!(
             "pgcairn: WARNING: a different {} was already archived (two promotions from one timeline?); this one is stored as {alt}",
             a.path.display()
         );

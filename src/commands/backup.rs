@@ -48,7 +48,7 @@ pub async fn run(ctx: &Ctx, a: BackupArgs) -> Result<()> {
         ),
         None => String::new(),
     };
-    println!(
+    outln!(
         "backup {} of {}: {} files, {} in {:.1}s ({:.0} MB/s); new {} stored ({} before compression), reused {}; WAL {}..{}{deltas}",
         m.backup_id,
         m.server,
@@ -63,18 +63,21 @@ pub async fn run(ctx: &Ctx, a: BackupArgs) -> Result<()> {
         m.stop_wal
     );
     for w in &s.warnings {
-        eprintln!("WARNING: {w}");
+        warnln!("WARNING: {w}");
     }
     if !m.bad_pages.is_empty() {
-        eprintln!(
+        warnln!(
             "WARNING: {} page(s) failed their checksum (listed by `pgcairn show {}`):",
             m.bad_pages.len(),
             m.backup_id
         );
         for b in m.bad_pages.iter().take(20) {
-            eprintln!(
+            warnln!(
                 "  {} block {}: stored {:#06x}, computed {:#06x}",
-                b.path, b.block, b.stored, b.computed
+                b.path,
+                b.block,
+                b.stored,
+                b.computed
             );
         }
     }

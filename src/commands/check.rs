@@ -26,17 +26,17 @@ pub async fn run(ctx: &Ctx, a: CheckArgs) -> Result<()> {
         }],
     };
     if ctx.global.format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
+        outln!("{}", serde_json::to_string_pretty(&results)?);
     } else {
         for c in &results {
-            println!(
+            outln!(
                 "{:<16} {:<6} {}",
                 c.name,
                 if c.ok { "OK" } else { "FAILED" },
                 c.detail
             );
             if let Some(h) = &c.hint {
-                println!("{:<16} {:<6} hint: {h}", "", "");
+                outln!("{:<16} {:<6} hint: {h}", "", "");
             }
         }
     }

@@ -28,7 +28,7 @@ pub async fn run(ctx: &Ctx, a: DeleteArgs) -> Result<()> {
     )
     .map_err(|e| anyhow::anyhow!("server {server}: {e}"))?;
     if let Some(json) = print_and_run(ctx, &repo, &plan, a.dry_run).await? {
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        outln!("{}", serde_json::to_string_pretty(&json)?);
     }
     Ok(())
 }

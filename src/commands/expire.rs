@@ -86,8 +86,8 @@ fn file_of(manifest: &str) -> &str {
 }
 
 /// The plan for people.
-pub fn print_plan(p: &Plan) {
-    println!(
+pub fn print_plan(p: &Plan) -> Result<()> {
+    outln!(
         "server {}: {}, minimum_redundancy {}",
         p.server,
         p.policy
@@ -101,7 +101,7 @@ pub fn print_plan(p: &Plan) {
         } else {
             "keep  "
         };
-        println!(
+        outln!(
             "  {verb} {}  ended {}  {:<25} {}",
             b.backup_id,
             utc_stamp(b.stop_time),
@@ -110,24 +110,25 @@ pub fn print_plan(p: &Plan) {
         );
     }
     match &p.wal_cutoff {
-        None => println!("  WAL: no backup is retained by the policy; no WAL is removed"),
+        None => outln!("  WAL: no backup is retained by the policy; no WAL is removed"),
         Some(c) => {
-            print!(
+            out!(
                 "  WAL: keeping everything from {} (start of backup {}, the oldest retained) and what pinned backups need; ",
                 c.segment, c.backup_id
             );
             match (p.remove_wal.first(), p.remove_wal.last()) {
-                (Some(a), Some(z)) => println!(
+                (Some(a), Some(z)) => outln!(
                     "removing {} file(s), {} .. {}; {} stay",
                     p.remove_wal.len(),
                     file_of(a),
                     file_of(z),
                     p.keep_wal
                 ),
-                _ => println!("nothing to remove; {} file(s) stay", p.keep_wal),
+                _ => outln!("nothing to remove; {} file(s) stay", p.keep_wal),
             }
         }
     }
+    Ok(())
 }
 
 /// Print, and unless `dry_run` execute, a plan. With `--format json` the
@@ -140,7 +141,7 @@ pub async fn print_and_run(
 ) -> Result<Option<serde_json::Value>> {
     let json = ctx.global.format == Format::Json;
     if !json {
-        print_plan(plan);
+        print_plan(plan)?;
     }
     let executed = if dry_run {
         None
@@ -158,8 +159,8 @@ pub async fn print_and_run(
         })?));
     }
     match executed {
-        None => println!("dry run: nothing removed"),
-        Some(e) => println!(
+        None => outln!("dry run: nothing removed"),
+        Some(e) => outln!(
             "removed {} backup(s) and {} WAL file(s){}; their data stays in the repository until garbage collection",
             e.backups_removed,
             e.wal_removed,
@@ -212,7 +213,7 @@ pub async fn run(ctx: &Ctx, a: ExpireArgs) -> Result<()> {
             work.push((server, rules));
         } else if all {
             if !json {
-                println!("server {server}: no retention_policy in [server.{server}]; skipped");
+                outln!("server {server}: no retention_policy in [server.{server}]; skipped");
             }
         } else {
             anyhow::bail!(
@@ -241,7 +242,7 @@ pub async fn run(ctx: &Ctx, a: ExpireArgs) -> Result<()> {
             Ok(r) => reports.extend(r),
             // One server's failure does not stop the others' retention.
             Err(e) if all => {
-                eprintln!("pgcairn: error: expiring server {server}: {e:#}");
+                warnln!("pgcairn: error: expiring server {server}: {e:#}");
                 failed.push(server.clone());
             }
             Err(e) => return Err(e),
@@ -252,7 +253,7 @@ pub async fn run(ctx: &Ctx, a: ExpireArgs) -> Result<()> {
     let gc = if a.gc && !a.dry_run {
         let r = super::gc::collect(&repo).await?;
         if !json {
-            super::gc::print_report(&r);
+            super::gc::print_report(&r)?;
         }
         Some(r)
     } else {
@@ -268,7 +269,7 @@ pub async fn run(ctx: &Ctx, a: ExpireArgs) -> Result<()> {
             (false, Some(e), None) => e,
             (false, None, _) => serde_json::Value::Null,
         };
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     }
     if !failed.is_empty() {
         anyhow::bail!(

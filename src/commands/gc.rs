@@ -31,11 +31,10 @@ pub async fn run(ctx: &Ctx, a: GcArgs) -> Result<()> {
     };
     let r = with_bar(&repo, &opts).await?;
     if ctx.global.format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        outln!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    print_report(&r);
-    Ok(())
+    print_report(&r)
 }
 
 /// One collection with the repository's own grace period (`expire --gc`).
@@ -50,18 +49,18 @@ async fn with_bar(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
     Ok(r?)
 }
 
-pub fn print_report(r: &GcReport) {
+pub fn print_report(r: &GcReport) -> Result<()> {
     let would = if r.dry_run { "would be " } else { "" };
     if r.dry_run {
-        println!("dry run: nothing was written or deleted (ages by the local clock)");
+        outln!("dry run: nothing was written or deleted (ages by the local clock)");
     }
-    println!(
+    outln!(
         "{} manifests reference {} chunks; packs hold {}",
         r.manifests,
         r.live_chunks,
         human_bytes(r.pack_bytes_before)
     );
-    println!(
+    outln!(
         "sweep: {} mark(s) due, {} pack(s) {would}deleted, {} {would}reclaimed; index: {} object(s) {would}written, {} {would}removed",
         r.marks_swept,
         r.packs_swept,
@@ -70,9 +69,9 @@ pub fn print_report(r: &GcReport) {
         r.index_objects_removed
     );
     for p in &r.packs_kept {
-        println!("  kept {p}: a backup committed since the mark needs it");
+        outln!("  kept {p}: a backup committed since the mark needs it");
     }
-    println!(
+    outln!(
         "mark: {} pack(s) ({}) {would}condemned, {} of them unindexed leftovers; {} pack(s) {would}repacked ({} live chunks, {} copied)",
         r.packs_condemned,
         human_bytes(r.bytes_condemned),
@@ -82,7 +81,7 @@ pub fn print_report(r: &GcReport) {
         human_bytes(r.bytes_repacked)
     );
     for m in &r.marks_pending {
-        println!(
+        outln!(
             "  pending {}: {} pack(s), {}, swept by a run after {} (store time)",
             m.object,
             m.packs,
@@ -91,12 +90,12 @@ pub fn print_report(r: &GcReport) {
         );
     }
     if r.leases_removed > 0 {
-        println!("removed {} stale lease(s)", r.leases_removed);
+        outln!("removed {} stale lease(s)", r.leases_removed);
     }
     let u = &r.incomplete_uploads;
     match &u.note {
-        Some(why) if !u.checked => println!("incomplete uploads: {why}"),
-        _ => println!(
+        Some(why) if !u.checked => outln!("incomplete uploads: {why}"),
+        _ => outln!(
             "incomplete uploads: {} found, {} {would}aborted ({}), {} younger than the grace period left",
             u.found,
             u.aborted,
@@ -105,14 +104,15 @@ pub fn print_report(r: &GcReport) {
         ),
     }
     for d in &r.refused {
-        eprintln!(
+        warnln!(
             "WARNING: the store refused to delete {} ({}); object lock or permissions? It is left in place and tried again by the next run only",
             d.object, d.error
         );
     }
-    println!(
+    outln!(
         "packs: {} before, {} after",
         human_bytes(r.pack_bytes_before),
         human_bytes(r.pack_bytes_after)
     );
+    Ok(())
 }

@@ -9,13 +9,13 @@ pub async fn run(ctx: &Ctx) -> Result<()> {
     let repo = ctx.open().await?;
     let i = repo.info().await?;
     if ctx.global.format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(&i)?);
+        outln!("{}", serde_json::to_string_pretty(&i)?);
         return Ok(());
     }
-    println!("repository      {}", i.location);
-    println!("id              {}", i.repository_id);
-    println!("format version  {}", i.format_version);
-    println!(
+    outln!("repository      {}", i.location);
+    outln!("id              {}", i.repository_id);
+    outln!("format version  {}", i.format_version);
+    outln!(
         "encryption      {}{}",
         i.encryption,
         if i.encryption == "none" {
@@ -24,26 +24,27 @@ pub async fn run(ctx: &Ctx) -> Result<()> {
             ""
         }
     );
-    println!(
+    outln!(
         "chunking        FastCDC min {} avg {} max {}; zstd level {}",
         human_bytes(i.chunker.min_size as u64),
         human_bytes(i.chunker.avg_size as u64),
         human_bytes(i.chunker.max_size as u64),
         i.compression_level
     );
-    println!("keys            {}", i.keys);
-    println!("manifests       {}", i.manifests);
-    println!(
+    outln!("keys            {}", i.keys);
+    outln!("manifests       {}", i.manifests);
+    outln!(
         "packs           {} ({})",
         i.packs,
         human_bytes(i.stored_bytes)
     );
-    println!(
+    outln!(
         "index           {} objects, {} entries",
-        i.index_objects, i.index_entries
+        i.index_objects,
+        i.index_entries
     );
-    println!("logical bytes   {}", human_bytes(i.logical_bytes));
-    println!("dedup ratio     {:.2}x (logical / stored)", i.dedup_ratio);
-    println!("active leases   {}", i.leases);
+    outln!("logical bytes   {}", human_bytes(i.logical_bytes));
+    outln!("dedup ratio     {:.2}x (logical / stored)", i.dedup_ratio);
+    outln!("active leases   {}", i.leases);
     Ok(())
 }

@@ -18,6 +18,15 @@ pub async fn run(ctx: &Ctx, a: InitArgs) -> Result<()> {
         opts.compression.level = l;
     }
     if let Some(avg) = a.chunk_avg {
+        // Relation files are cut in blocks of 4 pages (up to 4 × 32 KiB),
+        // which must fit in one chunk.
+        const MIN_AVG: u32 = 32 * 1024;
+        if avg < MIN_AVG {
+            anyhow::bail!(
+                "--chunk-avg {avg}: must be at least {MIN_AVG}, so that four PostgreSQL pages \
+                 (up to 32 KiB each) fit in the largest chunk (4 × the average)"
+            );
+        }
         opts.chunker = ChunkerParams {
             min_size: avg / 4,
             avg_size: avg,
@@ -51,17 +60,17 @@ pub async fn run(ctx: &Ctx, a: InitArgs) -> Result<()> {
     )
     .await?;
     let c = repo.config();
-    println!(
+    outln!(
         "created repository {} at {}",
         c.repo_id_hex(),
         repo.location()
     );
     match c.encryption {
-        Encryption::None => println!(
+        Encryption::None => outln!(
             "WARNING: this repository is NOT encrypted. Anyone who can read {} can read every backup in it.",
             repo.location()
         ),
-        Encryption::Xchacha20poly1305 => println!(
+        Encryption::Xchacha20poly1305 => outln!(
             "encryption: XChaCha20-Poly1305, master key wrapped by argon2id (key {}). Keep the passphrase safe: without it the repository cannot be read.",
             repo.current_key()
         ),

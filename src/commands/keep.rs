@@ -33,7 +33,7 @@ pub async fn run(ctx: &Ctx, a: KeepArgs) -> Result<()> {
     };
     if ctx.global.format == Format::Json {
         let target = pinned.then(|| target.to_string());
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"server": server, "backup_id": id, "pinned": pinned, "target": target, "changed": changed})
         );
@@ -47,13 +47,13 @@ pub async fn run(ctx: &Ctx, a: KeepArgs) -> Result<()> {
     };
     match (pinned, changed) {
         (true, true) => {
-            println!(
+            outln!(
                 "backup {id} of server {server} is pinned: no retention policy removes it; {keeps}"
             )
         }
-        (true, false) => println!("backup {id} of server {server} was already pinned ({target})"),
-        (false, true) => println!("backup {id} of server {server} is no longer pinned"),
-        (false, false) => println!("backup {id} of server {server} was not pinned"),
+        (true, false) => outln!("backup {id} of server {server} was already pinned ({target})"),
+        (false, true) => outln!("backup {id} of server {server} is no longer pinned"),
+        (false, false) => outln!("backup {id} of server {server} was not pinned"),
     }
     Ok(())
 }

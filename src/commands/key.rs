@@ -13,10 +13,10 @@ pub async fn run(ctx: &Ctx, cmd: KeyCommand) -> Result<()> {
         KeyCommand::List => {
             let keys = repo.list_keys().await?;
             if ctx.global.format == Format::Json {
-                println!("{}", serde_json::to_string_pretty(&keys)?);
+                outln!("{}", serde_json::to_string_pretty(&keys)?);
             } else {
                 for k in keys {
-                    println!(
+                    outln!(
                         "{}{}  created {}  {}@{}  {}",
                         k.id,
                         if k.current { " (current)" } else { "" },
@@ -31,18 +31,18 @@ pub async fn run(ctx: &Ctx, cmd: KeyCommand) -> Result<()> {
         KeyCommand::Add => {
             let pw = new_passphrase(None).map_err(anyhow::Error::msg)?;
             let id = repo.add_key(&pw, KdfParams::from_env()?).await?;
-            println!("added key {id}");
+            outln!("added key {id}");
         }
         KeyCommand::Remove { id } => {
             repo.remove_key(&id).await?;
-            println!("removed key {id}; copies made before (backups of the repository, object versions) still open with it");
+            outln!("removed key {id}; copies made before (backups of the repository, object versions) still open with it");
         }
         KeyCommand::Passwd => {
             let pw = new_passphrase(None).map_err(anyhow::Error::msg)?;
             let old = repo.current_key().to_string();
             let id = repo.add_key(&pw, KdfParams::from_env()?).await?;
             repo.remove_key(&old).await?;
-            println!("replaced key {old} with {id}");
+            outln!("replaced key {old} with {id}");
         }
     }
     Ok(())

@@ -118,15 +118,33 @@ pub async fn run(ctx: &Ctx, a: ServerArg) -> Result<()> {
     }
     if ctx.global.format == Format::Json {
         let rows: Vec<&Row> = per_server.iter().flat_map(|s| &s.1).collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
     if per_server.iter().all(|s| s.1.is_empty()) {
-        println!("no backups");
+        match per_server.first() {
+            Some((s, _, _)) if per_server.len() == 1 => {
+                let others: Vec<String> = servers_with_backups(&repo)
+                    .await?
+                    .into_iter()
+                    .filter(|o| o != s)
+                    .collect();
+                if others.is_empty() {
+                    outln!("no backups of server {s} in {}", repo.location());
+                } else {
+                    outln!(
+                        "no backups of server {s} in {} (servers with backups there: {})",
+                        repo.location(),
+                        others.join(", ")
+                    );
+                }
+            }
+            _ => outln!("no backups in {}", repo.location()),
+        }
     }
     for (s, rows, window) in &per_server {
         for r in rows {
-            println!(
+            outln!(
                 "{:<12} {}  ended {}  {:>10}  new {:>10}  WAL {}..{}  {}{}",
                 r.server,
                 r.id,
@@ -144,7 +162,7 @@ pub async fn run(ctx: &Ctx, a: ServerArg) -> Result<()> {
             );
         }
         if !rows.is_empty() {
-            println!("{}", window_line(s, window.as_ref()));
+            outln!("{}", window_line(s, window.as_ref()));
         }
     }
     Ok(())

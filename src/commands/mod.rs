@@ -1,6 +1,34 @@
 //! One file per CLI command, each a short script over the library. This is
 //! the only layer that prints.
 
+/// `println!` that fails the command with an error instead of panicking
+/// (exit 101) when standard output is closed, as in `pgcairn list | head`.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($t)*)
+            .map_err(|e| anyhow::anyhow!("cannot write to standard output: {e}"))?;
+    }};
+}
+
+/// `print!` likewise.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout(), $($t)*)
+            .map_err(|e| anyhow::anyhow!("cannot write to standard output: {e}"))?;
+    }};
+}
+
+/// `eprintln!` for warnings, which must not panic when standard error
+/// cannot be written (a full log disk): the command's outcome stands.
+macro_rules! warnln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 pub mod archive_get;
 pub mod archive_push;
 pub mod backup;
@@ -51,12 +79,23 @@ impl Ctx {
         })
     }
 
+    /// The repository URL; a relative local path is made absolute, as it
+    /// is also written into a restored cluster's restore_command, which
+    /// PostgreSQL runs in its data directory.
     pub fn repo_url(&self) -> Result<String> {
-        self.global
+        let url = self
+            .global
             .repo
             .clone()
             .or_else(|| self.settings.repository.url.clone())
-            .context("no repository: pass --repo, set PGCAIRN_REPO, or set [repository] url in the config file")
+            .context("no repository: pass --repo, set PGCAIRN_REPO, or set [repository] url in the config file")?;
+        if url.contains("://") || std::path::Path::new(&url).is_absolute() {
+            return Ok(url);
+        }
+        Ok(std::path::absolute(&url)
+            .with_context(|| format!("resolving the repository path {url}"))?
+            .to_string_lossy()
+            .into_owned())
     }
 
     /// The cache directory pgcairn uses (index objects, key cache,
@@ -155,14 +194,32 @@ impl Ctx {
             key_cache: std::env::var_os("PGCAIRN_NO_KEY_CACHE").is_none(),
             ..self.open_options()
         };
-        Ok(Repository::open(&url, &get, opts).await?)
+        Repository::open(&url, &get, opts)
+            .await
+            .map_err(|e| self.name_passphrase(e))
     }
 
     pub async fn open(&self) -> Result<Repository> {
         let url = self.repo_url()?;
         let src = self.passphrase.clone();
         let get = move || src.get();
-        Ok(Repository::open(&url, &get, self.open_options()).await?)
+        Repository::open(&url, &get, self.open_options())
+            .await
+            .map_err(|e| self.name_passphrase(e))
+    }
+
+    /// A rejected passphrase names the setting it came from.
+    fn name_passphrase(&self, e: crate::repo::RepoError) -> anyhow::Error {
+        match e {
+            crate::repo::RepoError::WrongPassphrase { .. } => {
+                let src = self.passphrase.describe();
+                anyhow::Error::new(e).context(format!(
+                    "the passphrase from {src} opens no key of the repository; check that setting \
+                     (flags beat PGCAIRN_* variables, which beat the config file)"
+                ))
+            }
+            other => other.into(),
+        }
     }
 }
 

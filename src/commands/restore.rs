@@ -57,7 +57,7 @@ pub async fn run(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
     )
     .await?;
     for p in &chosen.passed_over {
-        println!("passed over backup {p}");
+        outln!("passed over backup {p}");
     }
     let name = chosen.backup.name.clone();
     let recovery = match chosen.timeline {
@@ -77,7 +77,7 @@ pub async fn run(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
     bar.finish();
     let s = res?;
     let secs = s.duration.as_secs_f64();
-    println!(
+    outln!(
         "restored backup {} of {} into {}: {} files, {} in {:.1}s ({:.0} MB/s), every chunk authenticated and every file's hash checked",
         s.meta.backup_id,
         s.meta.server,
@@ -88,35 +88,35 @@ pub async fn run(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
         s.bytes as f64 / 1e6 / secs.max(0.001)
     );
     if a.delta {
-        println!(
+        outln!(
             "delta: {} file(s) already matched the backup and were kept, {} file(s) or directories not in the backup were removed",
             s.unchanged, s.removed
         );
     }
     if let Some(r) = &recovery {
-        println!("recovery: recovery.signal and settings written to postgresql.auto.conf");
-        println!("  restore_command = {}", r.restore_command);
+        outln!("recovery: recovery.signal and settings written to postgresql.auto.conf");
+        outln!("  restore_command = {}", r.restore_command);
         if let Some((k, v)) = &r.target {
-            println!("  {k} = '{v}'");
+            outln!("  {k} = '{v}'");
         }
-        println!("  recovery_target_timeline = '{}'", r.timeline);
+        outln!("  recovery_target_timeline = '{}'", r.timeline);
     }
     if opts.archive_mode_off {
-        println!("  archive_mode = off (so this copy never archives into the production history; --keep-archive-mode to keep it)");
+        outln!("  archive_mode = off (so this copy never archives into the production history; --keep-archive-mode to keep it)");
     }
     for l in &s.replaced_settings {
-        println!("  commented out: {l}");
+        outln!("  commented out: {l}");
     }
     match &recovery {
-        Some(r) if r.target.is_some() => println!(
+        Some(r) if r.target.is_some() => outln!(
             "If the target is never reached, PostgreSQL stops with \"recovery ended before configured recovery target was reached\": \
              choose an earlier target or a backup that ended before it."
         ),
         Some(_) => {}
         None if s.meta.included_wal.is_empty() => {
-            println!("note: no recovery settings and this backup carries no WAL: PostgreSQL cannot reach a consistent state from it")
+            outln!("note: no recovery settings and this backup carries no WAL: PostgreSQL cannot reach a consistent state from it")
         }
-        None => println!(
+        None => outln!(
             "no recovery settings: PostgreSQL replays the WAL carried in pg_wal and starts"
         ),
     }

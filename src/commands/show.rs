@@ -53,19 +53,20 @@ pub async fn run(ctx: &Ctx, a: ShowArgs) -> Result<()> {
             o.insert("pin".into(), serde_json::to_value(pin)?);
             o.insert("recovery_window".into(), serde_json::to_value(&window)?);
         }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!(
+    outln!(
         "backup           {} (server {})",
-        meta.backup_id, meta.server
+        meta.backup_id,
+        meta.server
     );
-    println!("label            {}", meta.label);
+    outln!("label            {}", meta.label);
     if let Some(v) = &verdict {
-        println!("status           {}: {}", v.status, v.reason);
+        outln!("status           {}: {}", v.status, v.reason);
     }
     if let Some(p) = pin {
-        println!(
+        outln!(
             "pinned           since {}, target {}{}",
             utc_stamp(p.pinned),
             p.target,
@@ -76,70 +77,84 @@ pub async fn run(ctx: &Ctx, a: ShowArgs) -> Result<()> {
             }
         );
     }
-    println!("recovery window  {}", window_line(&server, window.as_ref()));
-    println!(
+    outln!("recovery window  {}", window_line(&server, window.as_ref()));
+    outln!(
         "started / ended  {} / {}",
         utc_stamp(meta.start_time),
         utc_stamp(meta.stop_time)
     );
-    println!(
+    outln!(
         "LSN              {} .. {} (timeline {})",
-        meta.start_lsn, meta.stop_lsn, meta.timeline
+        meta.start_lsn,
+        meta.stop_lsn,
+        meta.timeline
     );
-    println!("WAL              {} .. {}", meta.start_wal, meta.stop_wal);
-    println!(
+    outln!("WAL              {} .. {}", meta.start_wal, meta.stop_wal);
+    outln!(
         "PostgreSQL       {} ({}), system identifier {}",
-        meta.pg_version, meta.pg_version_num, meta.system_identifier
+        meta.pg_version,
+        meta.pg_version_num,
+        meta.system_identifier
     );
-    println!(
+    outln!(
         "cluster          block size {}, WAL segment {}, data checksums {}",
         meta.block_size,
         human_bytes(meta.wal_segment_size),
         if meta.data_checksums { "on" } else { "off" }
     );
     for t in &meta.tablespaces {
-        println!(
+        outln!(
             "tablespace       {} (oid {}) at {}",
-            t.name, t.oid, t.location
+            t.name,
+            t.oid,
+            t.location
         );
     }
-    println!(
+    outln!(
         "files            {}, {}",
         meta.files,
         human_bytes(meta.logical_bytes)
     );
-    println!(
-        "stored           {} new ({} before compression), {} reused; this backup's dedup {:.1}x, repository {:.2}x",
+    outln!(
+        "stored           {} new ({} before compression), {} reused; this backup's dedup {}, repository {:.2}x",
         human_bytes(meta.new_bytes_stored),
         human_bytes(meta.new_bytes_raw),
         human_bytes(meta.reused_bytes),
-        dedup,
+        if dedup.is_finite() {
+            format!("{dedup:.1}x")
+        } else {
+            "total (nothing new)".to_string()
+        },
         info.dedup_ratio
     );
     if meta.unchanged_files > 0 {
-        println!(
+        outln!(
             "unchanged        {} file(s), {}, taken from the previous backup without reading",
             meta.unchanged_files,
             human_bytes(meta.unchanged_bytes)
         );
     }
-    println!(
+    outln!(
         "duration         {:.1}s ({:.0} MB/s)",
-        meta.duration_secs, throughput
+        meta.duration_secs,
+        throughput
     );
     if !meta.included_wal.is_empty() {
-        println!("WAL included     {} file(s)", meta.included_wal.len());
+        outln!("WAL included     {} file(s)", meta.included_wal.len());
     }
-    println!("bad pages        {}", meta.bad_pages.len());
+    outln!("bad pages        {}", meta.bad_pages.len());
     for b in &meta.bad_pages {
-        println!(
+        outln!(
             "  {} block {}: stored {:#06x}, computed {:#06x}",
-            b.path, b.block, b.stored, b.computed
+            b.path,
+            b.block,
+            b.stored,
+            b.computed
         );
     }
-    println!("backup_label:\n{}", meta.backup_label.trim_end());
+    outln!("backup_label:\n{}", meta.backup_label.trim_end());
     if let Some(map) = meta.tablespace_map.as_deref().filter(|m| !m.is_empty()) {
-        println!("tablespace_map:\n{}", map.trim_end());
+        outln!("tablespace_map:\n{}", map.trim_end());
     }
     Ok(())
 }

@@ -62,11 +62,11 @@ pub async fn run(ctx: &Ctx, a: VerifyArgs) -> Result<u8> {
     }
     let code = if result.is_clean() { 0 } else { PROBLEMS_FOUND };
     if ctx.global.format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        outln!("{}", serde_json::to_string_pretty(&result)?);
         return Ok(code);
     }
     let r = &result.repository;
-    println!(
+    outln!(
         "checked {} manifests referencing {} chunks, {} index objects, {} packs{}",
         r.manifests_checked,
         r.chunks_referenced,
@@ -79,7 +79,7 @@ pub async fn run(ctx: &Ctx, a: VerifyArgs) -> Result<u8> {
         }
     );
     if let Some(p) = r.read_data_percent {
-        println!(
+        outln!(
             "read {} packs ({}, {} chunks) in full: {} % of the pack bytes this run",
             r.packs_read,
             human_bytes(r.bytes_read),
@@ -88,42 +88,42 @@ pub async fn run(ctx: &Ctx, a: VerifyArgs) -> Result<u8> {
         );
     }
     for p in &r.problems {
-        println!("PROBLEM {}: {}", p.object, p.problem);
+        outln!("PROBLEM {}: {}", p.object, p.problem);
         for m in &p.affects {
-            println!("        affects {m}");
+            outln!("        affects {m}");
         }
     }
     for b in &result.backups {
         if b.restorable {
-            println!("OK      {} {}: restorable", b.server, b.backup_id);
+            outln!("OK      {} {}: restorable", b.server, b.backup_id);
         } else {
             for p in &b.problems {
-                println!("FAILED  {} {}: {p}", b.server, b.backup_id);
+                outln!("FAILED  {} {}: {p}", b.server, b.backup_id);
             }
         }
     }
     for w in &result.windows {
         match (&w.window, &w.latest_lsn) {
-            (Some(win), latest) => println!(
+            (Some(win), latest) => outln!(
                 "WINDOW  {}: recoverable from {} (end of backup {}, {}) to {} on timeline {}",
                 w.server,
                 crate::engine::utc_stamp(win.earliest_time),
                 win.from_backup,
                 win.earliest_lsn,
                 latest.as_deref().unwrap_or("its end"),
-                win.timeline
+                w.latest_timeline.unwrap_or(win.timeline)
             ),
-            (None, _) => println!("WINDOW  {}: none", w.server),
+            (None, _) => outln!("WINDOW  {}: none", w.server),
         }
         for p in &w.problems {
-            println!("FAILED  {}: {p}", w.server);
+            outln!("FAILED  {}: {p}", w.server);
         }
     }
     let bad = result.backups.iter().filter(|b| !b.restorable).count();
     if code == 0 {
-        println!("verify: OK, {} backup(s) restorable", result.backups.len());
+        outln!("verify: OK, {} backup(s) restorable", result.backups.len());
     } else {
-        println!(
+        outln!(
             "verify: FAILED, {} problem(s); {} of {} backup(s) restorable",
             r.problems.len()
                 + result

@@ -781,7 +781,7 @@ pub struct ServerWindow {
     /// The earliest recoverable point: that backup's end.
     pub earliest_time: i64,
     pub earliest_lsn: String,
-    /// The timeline recovery follows (the newest reachable).
+    /// The timeline recovery follows (what `latest` resolves to).
     pub timeline: u32,
     /// The last segment of the unbroken run, and the position it ends at.
     pub latest_segment: Option<String>,

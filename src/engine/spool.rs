@@ -183,7 +183,14 @@ pub async fn fill(repo: &Repository, server: &str, spool: &Spool) -> Result<Opti
         let window = spool.window(&file, seg_size);
         spool.clean(&window);
         let wanted: Vec<&String> = window.iter().filter(|n| !spool.is_spooled(n)).collect();
-        let results = futures::future::join_all(wanted.iter().map(|n| async move {
+        // Each fetch holds a whole segment: at most about 64 MiB in
+        // flight, so 1 GiB segments do not take prefetch × 1 GiB of the
+        // database host's memory during recovery.
+        let parallel = usize::try_from((64 << 20) / seg_size.max(1))
+            .unwrap_or(usize::MAX)
+            .clamp(1, wanted.len().max(1));
+        use futures::StreamExt as _;
+        let results: Vec<Result<bool>> = futures::stream::iter(wanted.iter().map(|n| async move {
             let p = spool.dir.join(n);
             match get(repo, server, n, &p).await {
                 Ok(GetOutcome::Restored) => {
@@ -197,6 +204,8 @@ pub async fn fill(repo: &Repository, server: &str, spool: &Spool) -> Result<Opti
                 Err(e) => Err(e),
             }
         }))
+        .buffer_unordered(parallel)
+        .collect()
         .await;
         if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
             return Err(e);

@@ -29,12 +29,15 @@ pub struct BackupStatus {
 pub struct WindowStatus {
     pub server: String,
     /// From the end of the oldest backup whose WAL is complete, along the
-    /// newest reachable timeline, to the end of the unbroken archive.
+    /// timeline `latest` resolves to, to the end of the unbroken archive.
     pub window: Option<ServerWindow>,
     /// With a gap, recovery from the oldest backup stops at it; the newest
     /// complete backup may reach further: its unbroken end.
     pub latest_lsn: Option<String>,
     pub latest_segment: Option<String>,
+    /// The timeline `latest_lsn` is on (the newest backup's path may not
+    /// be the oldest's).
+    pub latest_timeline: Option<u32>,
     pub problems: Vec<String>,
 }
 
@@ -63,6 +66,7 @@ async fn window_status(repo: &Repository, server: &str) -> WindowStatus {
         window: None,
         latest_lsn: None,
         latest_segment: None,
+        latest_timeline: None,
         problems: Vec::new(),
     };
     let computed = async {
@@ -75,7 +79,12 @@ async fn window_status(repo: &Repository, server: &str) -> WindowStatus {
             .zip(&bf)
             .rev()
             .find(|(_, f)| f.wal_complete)
-            .map(|(b, _)| facts.archive.recoverable_from_backup(&b.meta))
+            .map(|(b, _)| {
+                facts
+                    .archive
+                    .recoverable_from_backup(&b.meta)
+                    .map(|r| (b.meta.backup_id.clone(), r))
+            })
             .transpose()?;
         // A timeline with WAL but without its history file cannot be
         // followed from an older timeline: recovery from a backup there
@@ -116,9 +125,22 @@ async fn window_status(repo: &Repository, server: &str) -> WindowStatus {
                     ));
                 }
             }
-            if let Some(r) = newest {
+            if let Some((id, r)) = newest {
+                // The newest backup's path may differ from the oldest's (a
+                // timeline that forked between them): its gaps count too.
+                let known: Vec<&str> = window
+                    .iter()
+                    .flat_map(|w| w.gaps.iter().map(|g| g.first.as_str()))
+                    .collect();
+                for g in r.gaps.iter().filter(|g| !known.contains(&g.first.as_str())) {
+                    st.problems.push(format!(
+                        "WAL gap {}..{} ({} segment(s) not archived) on timeline {}: recovery from backup {id} stops before {}",
+                        g.first, g.last, g.segments, r.timeline, g.first
+                    ));
+                }
                 st.latest_lsn = r.contiguous_end_lsn;
                 st.latest_segment = r.contiguous_to;
+                st.latest_timeline = Some(r.timeline);
             }
             st.window = window;
         }

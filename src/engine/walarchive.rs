@@ -143,8 +143,8 @@ pub struct Gap {
 /// timeline path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Recoverable {
-    /// The timeline followed: the newest archived one reachable from the
-    /// start (what `recovery_target_timeline = latest` picks).
+    /// The timeline followed: what `recovery_target_timeline = latest`
+    /// resolves to from the backup (see [`WalArchive::latest_reachable`]).
     pub timeline: u32,
     pub path: TimelinePath,
     pub first_segment: String,
@@ -359,26 +359,36 @@ impl WalArchive {
         Ok(self.need_along(&self.timeline_path(tl), first, last, &meta.included_wal))
     }
 
-    /// The newest archived timeline recovery can reach from a backup on
-    /// `timeline` that ended at `backup_end` (itself if none).
+    /// The timeline `recovery_target_timeline = latest` follows from a
+    /// backup on `timeline` that ended at `backup_end`, found as PostgreSQL
+    /// and `restore` find it: each next timeline for as long as its history
+    /// file is archived. If that timeline cannot be reached from the backup
+    /// (it forked before the backup ended), recovery along `latest` fails,
+    /// and what remains is the backup's own timeline
+    /// (`--target-timeline current`).
     pub fn latest_reachable(&self, timeline: u32, backup_end: Lsn) -> u32 {
-        self.histories
-            .iter()
-            .filter(|(t, h)| **t > timeline && reachable(timeline, backup_end, **t, h).is_ok())
-            .map(|(t, _)| *t)
-            .max()
-            .unwrap_or(timeline)
+        let mut t = timeline;
+        while self.histories.contains_key(&(t + 1)) {
+            t += 1;
+        }
+        match self.histories.get(&t) {
+            Some(h) if t != timeline && reachable(timeline, backup_end, t, h).is_ok() => t,
+            _ => timeline,
+        }
     }
 
     /// How far recovery can go from segment `start_segno` of a backup on
     /// `timeline` that ended at `backup_end`, following the newest
     /// reachable timeline: the unbroken run of archived segments, the
     /// newest archived one on the path, and the gaps between.
+    /// `included`: segments carried inside the backup, present whatever
+    /// the archive holds.
     pub fn recoverable_from(
         &self,
         timeline: u32,
         start_segno: u64,
         backup_end: Lsn,
+        included: &[String],
     ) -> Recoverable {
         let seg = self.segment_size;
         let target = self.latest_reachable(timeline, backup_end);
@@ -402,7 +412,7 @@ impl WalArchive {
                     timeline: path.timeline_of_segment(segno, seg),
                     segno,
                 };
-                if self.has_segment(s) {
+                if self.has_segment(s) || included.contains(&s.name(seg)) {
                     if unbroken {
                         contiguous_to = Some(s);
                     }
@@ -453,7 +463,7 @@ impl WalArchive {
         let end: Lsn = meta.stop_lsn.parse().map_err(|e| {
             EngineError::Refused(format!("backup {}: stop LSN: {e}", meta.backup_id))
         })?;
-        Ok(self.recoverable_from(tl, first, end))
+        Ok(self.recoverable_from(tl, first, end, &meta.included_wal))
     }
 }
 
@@ -566,13 +576,13 @@ mod tests {
             }]
         );
         // A backup on timeline 1 that ended before the fork reaches 2.
-        let r = a.recoverable_from(1, 3, Lsn(0x0400_0000));
+        let r = a.recoverable_from(1, 3, Lsn(0x0400_0000), &[]);
         assert_eq!(r.timeline, 2);
         assert_eq!(r.contiguous_to.as_deref(), Some(seg(2, 6).as_str()));
         assert_eq!(r.contiguous_end_lsn.as_deref(), Some("0/7000000"));
         assert!(r.gaps.is_empty());
         // One that ended after the fork stays on 1 and stops at 4.
-        let r = a.recoverable_from(1, 3, Lsn(0x0500_0200));
+        let r = a.recoverable_from(1, 3, Lsn(0x0500_0200), &[]);
         assert_eq!(r.timeline, 1);
         assert_eq!(r.contiguous_to.as_deref(), Some(seg(1, 4).as_str()));
     }
@@ -590,7 +600,7 @@ mod tests {
             ],
             &[],
         );
-        let r = a.recoverable_from(1, 1, Lsn(0x0100_0100));
+        let r = a.recoverable_from(1, 1, Lsn(0x0100_0100), &[]);
         assert_eq!(r.contiguous_to.as_deref(), Some(seg(1, 2).as_str()));
         assert_eq!(r.last_archived.as_deref(), Some(seg(1, 8).as_str()));
         assert_eq!(
@@ -613,17 +623,41 @@ mod tests {
         assert!(p.history_missing);
         assert_eq!(p.timelines(), vec![3]);
         // Nothing archived at all from the start: no run.
-        let r = a.recoverable_from(1, 20, Lsn(20 * SEG));
+        let r = a.recoverable_from(1, 20, Lsn(20 * SEG), &[]);
         assert_eq!(r.contiguous_to, None);
         assert_eq!(r.last_archived, None);
     }
 
     #[test]
     fn included_wal_is_not_needed() {
-        let a = archive(&[(1, &seg(1, 3))], &[]);
+        let a = archive(&[(1, &seg(1, 3)), (1, &seg(1, 5))], &[]);
         let p = a.timeline_path(1);
         let need = a.need_along(&p, 3, 4, &[seg(1, 4)]);
         assert!(need.complete());
         assert_eq!(need.needed.len(), 1);
+        // Nor is it a gap in the window.
+        let r = a.recoverable_from(1, 3, Lsn(4 * SEG + 0x100), &[seg(1, 4)]);
+        assert!(r.gaps.is_empty(), "{:?}", r.gaps);
+        assert_eq!(r.contiguous_to.as_deref(), Some(seg(1, 5).as_str()));
+    }
+
+    /// `latest` as PostgreSQL resolves it: the next history file, then the
+    /// next; not the highest reachable timeline.
+    #[test]
+    fn latest_is_the_next_history_files() {
+        // Timeline 2 forked from 1 at 9; timeline 3, made later from an
+        // older backup, forked from 1 at 5.
+        let a = archive(
+            &[(1, &seg(1, 3))],
+            &[(2, "1\t0/9000100\tx\n"), (3, "1\t0/5000100\tx\n")],
+        );
+        // A backup that ended at 3: 3 is the latest, and reachable.
+        assert_eq!(a.latest_reachable(1, Lsn(0x0300_0000)), 3);
+        // One that ended at 7: `latest` (3) forked before it ended, so only
+        // its own timeline remains (2 is reachable, but not `latest`).
+        assert_eq!(a.latest_reachable(1, Lsn(0x0700_0000)), 1);
+        // A missing history file stops the probe: 3 is not reached past 2.
+        let b = archive(&[(1, &seg(1, 3))], &[(3, "1\t0/9000100\tx\n")]);
+        assert_eq!(b.latest_reachable(1, Lsn(0x0400_0000)), 1);
     }
 }

@@ -59,6 +59,197 @@ pub struct BackupStop {
     pub tablespace_map: Option<String>,
 }
 
+/// `conninfo` fit to print: a password (`password=...`, or in a URI's user
+/// info or query) is shown as `***`, so `check`'s output and connection
+/// errors in cron mail do not carry it.
+pub fn redact(conninfo: &str) -> String {
+    const MASK: &str = "***";
+    let t = conninfo.trim_start();
+    if let Some(rest) = t
+        .strip_prefix("postgresql://")
+        .or_else(|| t.strip_prefix("postgres://"))
+    {
+        let scheme = &t[..t.len() - rest.len()];
+        let (main, query) = match rest.split_once('?') {
+            Some((m, q)) => (m, Some(q)),
+            None => (rest, None),
+        };
+        let auth_end = main.find('/').unwrap_or(main.len());
+        let (auth, path) = main.split_at(auth_end);
+        let auth = match auth.rsplit_once('@') {
+            Some((user, hosts)) => match user.split_once(':') {
+                Some((u, _)) => format!("{u}:{MASK}@{hosts}"),
+                None => auth.to_string(),
+            },
+            None => auth.to_string(),
+        };
+        let mut out = format!("{scheme}{auth}{path}");
+        if let Some(q) = query {
+            let params: Vec<String> = q
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k == "password" => format!("{k}={MASK}"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            out.push('?');
+            out.push_str(&params.join("&"));
+        }
+        return out;
+    }
+    // key = value pairs; values may be single-quoted with backslash escapes.
+    let mut out = String::new();
+    let mut chars = conninfo.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        if c.is_whitespace() {
+            out.push(c);
+            chars.next();
+            continue;
+        }
+        let mut key = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' || c.is_whitespace() {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        out.push_str(&key);
+        while let Some(&c) = chars.peek() {
+            if !c.is_whitespace() {
+                break;
+            }
+            out.push(c);
+            chars.next();
+        }
+        if chars.peek() != Some(&'=') {
+            continue;
+        }
+        out.push('=');
+        chars.next();
+        while let Some(&c) = chars.peek() {
+            if !c.is_whitespace() {
+                break;
+            }
+            out.push(c);
+            chars.next();
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'\'') {
+            value.push('\'');
+            chars.next();
+            while let Some(c) = chars.next() {
+                value.push(c);
+                if c == '\\' {
+                    if let Some(n) = chars.next() {
+                        value.push(n);
+                    }
+                } else if c == '\'' {
+                    break;
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                value.push(c);
+                chars.next();
+                if c == '\\' {
+                    if let Some(n) = chars.next() {
+                        value.push(n);
+                    }
+                }
+            }
+        }
+        out.push_str(if key == "password" { MASK } else { &value });
+    }
+    out
+}
+
+/// libpq's password sources, which tokio-postgres does not read: with no
+/// password in the conninfo, `PGPASSWORD`, then the password file
+/// (`PGPASSFILE`, or `~/.pgpass`, ignored unless it is private, as libpq
+/// does). A DBA's existing `.pgpass` works as it does for pgBackRest.
+fn fill_password(cfg: &mut Config) -> Result<()> {
+    if cfg.get_password().is_some() {
+        return Ok(());
+    }
+    if let Some(pw) = std::env::var_os("PGPASSWORD").filter(|p| !p.is_empty()) {
+        cfg.password(pw.as_encoded_bytes());
+        return Ok(());
+    }
+    let path = match std::env::var_os("PGPASSFILE") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => match std::env::var_os("HOME") {
+            Some(h) => std::path::PathBuf::from(h).join(".pgpass"),
+            None => return Ok(()),
+        },
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(PgError::io(format!("reading {}", path.display()), e)),
+    };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path)
+            .map_err(|e| PgError::io(format!("reading {}", path.display()), e))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            // libpq warns and ignores such a file.
+            return Ok(());
+        }
+    }
+    let Some(user) = cfg.get_user().map(str::to_string) else {
+        return Ok(());
+    };
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "localhost".to_string(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432).to_string();
+    let db = cfg.get_dbname().unwrap_or(&user).to_string();
+    if let Some(pw) = pgpass_lookup(&text, &host, &port, &db, &user) {
+        cfg.password(pw);
+    }
+    Ok(())
+}
+
+/// The first `.pgpass` line matching host, port, database and user (`*`
+/// matches anything; `\:` and `\\` are escapes), as libpq reads it.
+fn pgpass_lookup(text: &str, host: &str, port: &str, db: &str, user: &str) -> Option<String> {
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let mut fields = Vec::new();
+        let mut cur = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some(n) = chars.next() {
+                        cur.push(n);
+                    }
+                }
+                ':' if fields.len() < 4 => fields.push(std::mem::take(&mut cur)),
+                _ => cur.push(c),
+            }
+        }
+        fields.push(cur);
+        if fields.len() != 5 {
+            continue;
+        }
+        let m = |f: &str, v: &str| f == "*" || f == v;
+        if m(&fields[0], host) && m(&fields[1], port) && m(&fields[2], db) && m(&fields[3], user) {
+            return Some(fields[4].clone());
+        }
+    }
+    None
+}
+
 fn q(what: &str) -> impl FnOnce(tokio_postgres::Error) -> PgError + '_ {
     move |source| PgError::Query {
         what: what.to_string(),
@@ -69,9 +260,10 @@ fn q(what: &str) -> impl FnOnce(tokio_postgres::Error) -> PgError + '_ {
 impl Session {
     pub async fn connect(conninfo: &str) -> Result<Session> {
         let mut cfg = Config::from_str(conninfo).map_err(|source| PgError::Connect {
-            conninfo: conninfo.into(),
+            conninfo: redact(conninfo),
             source,
         })?;
+        fill_password(&mut cfg)?;
         cfg.keepalives(true)
             .keepalives_idle(Duration::from_secs(30))
             .application_name("pgcairn");
@@ -79,7 +271,7 @@ impl Session {
             .connect(NoTls)
             .await
             .map_err(|source| PgError::Connect {
-                conninfo: conninfo.into(),
+                conninfo: redact(conninfo),
                 source,
             })?;
         let conn = tokio::spawn(connection);
@@ -98,6 +290,14 @@ impl Session {
         if version_num >= 140000 {
             client
                 .batch_execute("SET idle_session_timeout = 0")
+                .await
+                .map_err(q("session setup"))?;
+        }
+        if version_num >= 170000 {
+            // It also limits a single statement: pg_backup_start waiting
+            // for a spread checkpoint.
+            client
+                .batch_execute("SET transaction_timeout = 0")
                 .await
                 .map_err(q("session setup"))?;
         }
@@ -279,6 +479,46 @@ pub fn parse_size(s: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        use super::redact;
+        assert_eq!(
+            redact("host=db user=backup password=s3cret dbname=postgres"),
+            "host=db user=backup password=*** dbname=postgres"
+        );
+        assert_eq!(
+            redact("host=db password = 'a b\\' c' port=5432"),
+            "host=db password = *** port=5432"
+        );
+        assert_eq!(
+            redact("postgresql://backup:s3cret@db:5432/postgres?sslmode=disable&password=x"),
+            "postgresql://backup:***@db:5432/postgres?sslmode=disable&password=***"
+        );
+        assert_eq!(
+            redact("postgres://backup@db/postgres"),
+            "postgres://backup@db/postgres"
+        );
+        assert_eq!(redact("host=/tmp user=x"), "host=/tmp user=x");
+    }
+
+    #[test]
+    fn pgpass_lines_match_as_libpq_reads_them() {
+        use super::pgpass_lookup;
+        let text = "# comment\n\
+                    db:5432:other:backup:no\n\
+                    db:*:postgres:backup:pa\\:ss:word\n\
+                    *:*:*:*:fallback\n";
+        assert_eq!(
+            pgpass_lookup(text, "db", "5433", "postgres", "backup").as_deref(),
+            Some("pa:ss:word")
+        );
+        assert_eq!(
+            pgpass_lookup(text, "localhost", "5432", "x", "y").as_deref(),
+            Some("fallback")
+        );
+        assert_eq!(pgpass_lookup("db:5432:d:u\n", "db", "5432", "d", "u"), None);
+    }
+
     #[test]
     fn start_timeline_from_a_backup_label() {
         let label = "START WAL LOCATION: 0/2000028 (file 000000020000000000000002)\n\

@@ -35,7 +35,7 @@ pub enum RepoError {
     Unsupported { object: String, reason: String },
 
     /// No key file accepted the passphrase.
-    #[error("wrong passphrase: no key in {repo} opens with it (try `pgcairn key list`, or check PGCAIRN_PASSPHRASE / the passphrase file)")]
+    #[error("wrong passphrase: no key in {repo} opens with it")]
     WrongPassphrase { repo: String },
 
     #[error("no repository at {url}: {reason} (create one with `pgcairn init`)")]

@@ -315,11 +315,11 @@ fn generated_histories_never_lose_what_is_retained() {
                 if let Some(a) = anchor {
                     let raw = w.backups.iter().find(|r| r.0 == a.backup_id).unwrap();
                     let end = Lsn((raw.3 + 1) * SEG - 1);
-                    let win_before = before.recoverable_from(raw.1, raw.2, end);
+                    let win_before = before.recoverable_from(raw.1, raw.2, end, &[]);
                     let after = archive_of(&apply(&w.names, &p.remove_wal), &w.histories);
                     assert_eq!(
                         win_before,
-                        after.recoverable_from(raw.1, raw.2, end),
+                        after.recoverable_from(raw.1, raw.2, end, &[]),
                         "{ctx}: the window from {} shrank",
                         a.backup_id
                     );
@@ -353,8 +353,8 @@ fn generated_histories_never_lose_what_is_retained() {
             {
                 let end = Lsn((raw.3 + 1) * SEG - 1);
                 assert_eq!(
-                    before.recoverable_from(raw.1, raw.2, end),
-                    after.recoverable_from(raw.1, raw.2, end),
+                    before.recoverable_from(raw.1, raw.2, end, &[]),
+                    after.recoverable_from(raw.1, raw.2, end, &[]),
                     "{ctx}: window of {}",
                     b.backup_id
                 );
