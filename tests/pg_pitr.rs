@@ -192,6 +192,51 @@ fn archive_push_and_point_in_time_recovery() {
     assert!(!plain.join("recovery.signal").exists());
 }
 
+/// With archiving on, --include-wal takes the backup's WAL from the
+/// archive: no replication slot (this server allows none), no new data, and
+/// the copy reaches consistency from its own pg_wal.
+#[test]
+fn include_wal_comes_from_the_archive_when_archiving() {
+    let dir = user_dir();
+    let d = dir.path();
+    let cairn = Cairn::new(d);
+    let mut src = Cluster::init(d, "src", &[]);
+    archiving(&src, &cairn, d);
+    src.append_conf("max_replication_slots = 0\n");
+    src.start();
+    run_ok(&mut src.pgbench(&["-i", "-s", "1", "-q"]));
+    let out = cairn.backup(&src, "main", &["--include-wal", "--fast-checkpoint"]);
+    println!("{out}");
+    let shown = cairn.ok(&["show", "--server", "main", "latest", "--format", "json"]);
+    let meta: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let included = meta["included_wal"].as_array().unwrap();
+    assert!(
+        included
+            .iter()
+            .any(|n| n.as_str() == meta["stop_wal"].as_str()),
+        "{shown}"
+    );
+    let count = src.psql("SELECT count(*) FROM pgbench_accounts");
+    let plain = d.join("plain");
+    cairn.ok(&[
+        "restore",
+        "--server",
+        "main",
+        "latest",
+        plain.to_str().unwrap(),
+        "--no-recovery",
+    ]);
+    assert!(plain
+        .join("pg_wal")
+        .join(meta["stop_wal"].as_str().unwrap())
+        .exists());
+    let mut r = Cluster::existing(&plain, d, "plain");
+    r.start();
+    assert_eq!(r.psql("SELECT count(*) FROM pgbench_accounts"), count);
+    r.stop();
+    src.stop();
+}
+
 #[test]
 fn archive_get_exit_codes_and_storage_faults_stop_recovery() {
     let dir = user_dir();

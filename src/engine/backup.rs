@@ -369,7 +369,11 @@ pub async fn run(
     register_server(repo, &opts.server, info.system_identifier).await?;
     let tablespaces = session.tablespaces().await?;
     let seg_size = info.wal_segment_size;
-    if opts.include_wal {
+    // --include-wal takes the WAL from the archive when this server
+    // archives with pgcairn (its chunks are stored already), else from
+    // pg_wal under a temporary slot, so no needed segment is recycled.
+    let wal_from_archive = opts.include_wal && archives_with_pgcairn(&info);
+    if opts.include_wal && !wal_from_archive {
         session
             .create_temp_slot(&format!("pgcairn_{}", std::process::id()))
             .await?;
@@ -513,7 +517,21 @@ pub async fn run(
 
     // The WAL that makes the copy consistent.
     let mut included = Vec::new();
-    if opts.include_wal {
+    if wal_from_archive {
+        wait_for_archive(
+            repo,
+            &opts.server,
+            &info,
+            &start_wal,
+            &stop_wal,
+            opts.wal_timeout,
+        )
+        .await?;
+        for (n, e) in archived_wal(repo, &opts.server, &info, &start_wal, &stop_wal).await? {
+            entries.push(e);
+            included.push(n);
+        }
+    } else if opts.include_wal {
         progress.phase("copying WAL", 0);
         let first = segno_of(start_lsn, seg_size);
         // A name that does not parse is an error, not a one-segment range:
@@ -656,6 +674,68 @@ async fn free_backup_id(repo: &Repository, server: &str, start_time: i64) -> Res
 }
 
 /// Wait until every WAL segment from `start` to `stop` is in the archive.
+/// Whether the server's WAL goes to pgcairn's archive (the heuristic
+/// `check` uses too): archive_mode on and archive_command calling
+/// `pgcairn archive-push`.
+fn archives_with_pgcairn(info: &crate::pg::conn::ServerInfo) -> bool {
+    info.archive_mode != "off"
+        && info.archive_command.contains("pgcairn")
+        && info.archive_command.contains("archive-push")
+}
+
+/// The archived segments `start..=stop` and every archived history file of
+/// the cluster, as entries under `pg_wal/` that reference the archived
+/// chunks: a self-contained backup for no new data. The commit's check of
+/// condemned chunks covers these references as any other.
+async fn archived_wal(
+    repo: &Repository,
+    server: &str,
+    info: &crate::pg::conn::ServerInfo,
+    start: &str,
+    stop: &str,
+) -> Result<Vec<(String, Entry)>> {
+    use crate::pg::wal::WalFile;
+    let (sysid, timeline, seg_size) =
+        (info.system_identifier, info.timeline, info.wal_segment_size);
+    let (Some(WalFile::Segment { segno: a, .. }), Some(WalFile::Segment { segno: b, .. })) = (
+        WalFile::parse(start, seg_size),
+        WalFile::parse(stop, seg_size),
+    ) else {
+        return Err(EngineError::Refused(format!(
+            "unexpected WAL range {start}..{stop}"
+        )));
+    };
+    let mut names: Vec<(String, String)> = (a..=b)
+        .map(|s| {
+            let n = segment_name(timeline, s, seg_size);
+            (wal_name(server, sysid, timeline, &n), n)
+        })
+        .collect();
+    for m in repo
+        .list_manifests(&super::catalog::wal_prefix(server, sysid))
+        .await?
+    {
+        if let Some(file) = m.rsplit('/').next().filter(|f| f.ends_with(".history")) {
+            let file = file.to_string();
+            names.push((m, file));
+        }
+    }
+    let mut out = Vec::new();
+    for (manifest, file) in names {
+        let m = repo.read_manifest(&manifest).await?;
+        let [e] = &m.entries[..] else {
+            return Err(EngineError::Refused(format!(
+                "{manifest}: {} entries in an archived WAL file's manifest (run pgcairn verify)",
+                m.entries.len()
+            )));
+        };
+        let mut e = e.clone();
+        e.path = format!("pg_wal/{file}");
+        out.push((file, e));
+    }
+    Ok(out)
+}
+
 async fn wait_for_archive(
     repo: &Repository,
     server: &str,
