@@ -119,6 +119,30 @@ fn backup_under_load_restores_and_starts() {
         text(&o)
     );
     assert!(!target.exists() && !ts_new.exists());
+    // --delta into a new directory without relocating would restore over
+    // the source's own tablespace, which it never linked to: refused.
+    let fresh = d.join("fresh");
+    let ts_files = files_under(&ts_dir);
+    let o = cairn.run(
+        &[
+            "restore",
+            "--server",
+            "main",
+            "latest",
+            fresh.to_str().unwrap(),
+            "--delta",
+        ],
+        &[],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("already holds PG_"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        ts_files.iter().all(|f| f.exists()),
+        "a file of the source's tablespace went"
+    );
     // The location may hold what is not this cluster's (a file system's
     // lost+found): restored beside it, and left alone.
     std::fs::create_dir_all(ts_new.join("lost+found")).unwrap();
@@ -658,6 +682,20 @@ fn killed_backup_leaves_no_manifest_and_rerun_reuses_chunks() {
         extra < killed_bytes / 2,
         "the rerun stored again what the killed backup had stored: {extra} extra bytes of {killed_bytes}"
     );
+}
+
+/// The files under `dir`, at any depth.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(files_under(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
 }
 
 /// Files under `dir`, at any depth.

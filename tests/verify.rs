@@ -450,3 +450,33 @@ fn chrono_id() -> String {
         .as_secs() as i64;
     pgcairn::engine::utc_stamp(s)
 }
+
+/// A backup that carries its WAL (taken without archiving), then archiving
+/// that starts later with a gap: the window starts from the carried WAL,
+/// `list` works, and verify names the gap.
+#[test]
+fn carried_wal_then_a_gap_in_the_archive() {
+    let dir = user_dir();
+    let d = dir.path();
+    let cairn = Cairn::new(d);
+    let mut src = Cluster::init(d, "src", &[]);
+    src.start();
+    cairn.backup(&src, "main", &["--include-wal", "--fast-checkpoint"]);
+    let mut complete = Vec::new();
+    for i in 0..2 {
+        src.psql(&format!(
+            "CREATE TABLE t{i} AS SELECT g FROM generate_series(1, 1000) g"
+        ));
+        complete.push(src.psql("SELECT pg_walfile_name(pg_current_wal_lsn())"));
+        src.psql("SELECT pg_switch_wal()");
+    }
+    // Only the second is archived: the first is a gap right after the
+    // backup's own WAL.
+    let seg = src.pgdata.join("pg_wal").join(&complete[1]);
+    cairn.ok(&["archive-push", "--server", "main", seg.to_str().unwrap()]);
+    let listed = cairn.ok(&["list", "--server", "main", "--format", "json"]);
+    let rows: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{listed}");
+    window_problem(&cairn, &format!("WAL gap {}", complete[0]));
+    src.stop();
+}

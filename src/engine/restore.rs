@@ -215,9 +215,14 @@ pub async fn run(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_dirs_durably(target)?,
         Err(e) => return Err(EngineError::io(format!("stat {}", target.display()), e)),
     }
-    if !opts.delta {
-        layout.check_tablespaces_empty()?;
-    }
+    // With --delta, only locations the target already links to are
+    // restored over; any other must not hold this cluster's directory.
+    let linked = if opts.delta {
+        layout.linked_in(target)
+    } else {
+        Vec::new()
+    };
+    layout.check_tablespaces_empty(&linked)?;
     std::fs::set_permissions(target, std::fs::Permissions::from_mode(layout.root_mode))
         .map_err(io(format!("chmod {}", target.display())))?;
 
@@ -232,7 +237,7 @@ pub async fn run(
             Err(e) => return Err(EngineError::io(format!("removing {}", ctl.display()), e)),
         }
         removed = prune(target, "", &layout)?;
-        removed += layout.prune_tablespaces()?;
+        removed += layout.prune_tablespaces(&linked)?;
     }
 
     // Directories and tablespace links first (entries are sorted by path,
@@ -602,6 +607,26 @@ struct Layout<'a> {
     root_mode: u32,
 }
 
+impl Tablespace {
+    /// Where the restore writes: the version directory in the location.
+    fn ours(&self) -> PathBuf {
+        self.owned
+            .first()
+            .map_or_else(|| self.location.clone(), |n| self.location.join(n))
+    }
+}
+
+/// `PG_<major>_<catalog version>`, a tablespace's version directory.
+fn is_version_dir(name: &str) -> bool {
+    let mut parts = name.split('_');
+    let digits =
+        |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    parts.next() == Some("PG")
+        && digits(parts.next())
+        && digits(parts.next())
+        && parts.next().is_none()
+}
+
 struct Tablespace {
     oid: String,
     original: String,
@@ -670,16 +695,20 @@ impl<'a> Layout<'a> {
                 _ => return Err(bad(&e.path, "is a tablespace outside pg_tblspc/<oid>")),
             };
             let original = a.target.clone().unwrap_or_default();
-            if !original.starts_with('/') || original.contains(['\n', '\r']) {
-                return Err(bad(
-                    &e.path,
-                    "has a tablespace location that is not an absolute path",
-                ));
-            }
             let location = map
                 .iter()
                 .find(|(old, _)| *old == original)
                 .map_or_else(|| PathBuf::from(&original), |(_, new)| PathBuf::from(new));
+            let loc = location.to_string_lossy();
+            if !loc.starts_with('/') || loc.contains(['\n', '\r']) {
+                return Err(bad(
+                    &e.path,
+                    &format!(
+                        "has the tablespace location {original:?}, not an absolute path; \
+                         relocate it with --tablespace-map {original}=NEW_DIRECTORY"
+                    ),
+                ));
+            }
             tablespaces.insert(
                 e.path.as_str(),
                 Tablespace {
@@ -700,7 +729,21 @@ impl<'a> Layout<'a> {
             };
             let ts_path = &e.path[..("pg_tblspc/".len() + oid.len())];
             match tablespaces.get_mut(ts_path) {
-                Some(ts) if !rest.contains('/') => ts.owned.push(rest.to_string()),
+                // What a tablespace holds is the server's version
+                // directory, nothing else: a manifest cannot name files in
+                // an arbitrary directory through a tablespace link.
+                Some(ts) if !rest.contains('/') => {
+                    if kinds.get(e.path.as_str()) != Some(&"dir")
+                        || !is_version_dir(rest)
+                        || !ts.owned.is_empty()
+                    {
+                        return Err(bad(
+                            &e.path,
+                            "is not the one PG_<major>_<catalog version> directory of its tablespace",
+                        ));
+                    }
+                    ts.owned.push(rest.to_string());
+                }
                 Some(_) => {}
                 // An in-place tablespace (allow_in_place_tablespaces) is a
                 // plain directory.
@@ -730,28 +773,32 @@ impl<'a> Layout<'a> {
         }
         let target =
             std::path::absolute(target).map_err(io(format!("resolving {}", target.display())))?;
+        // What the restore writes in a location is its version directory;
+        // those must not overlap each other or the target (PostgreSQL
+        // allows nested locations, which are fine).
         let all: Vec<&Tablespace> = tablespaces.values().collect();
         for (i, t) in all.iter().enumerate() {
-            let loc = &t.location;
-            if loc.starts_with(&target) || target.starts_with(loc) {
+            let ours = t.ours();
+            if ours.starts_with(&target) || target.starts_with(&ours) {
                 return Err(EngineError::Refused(format!(
                     "tablespace {} would be restored at {}, which overlaps the target {}; \
                      relocate it with --tablespace-map {}=NEW_DIRECTORY",
                     t.oid,
-                    loc.display(),
+                    ours.display(),
                     target.display(),
                     t.original
                 )));
             }
             for u in &all[i + 1..] {
-                if loc.starts_with(&u.location) || u.location.starts_with(loc) {
+                let theirs = u.ours();
+                if ours.starts_with(&theirs) || theirs.starts_with(&ours) {
                     return Err(EngineError::Refused(format!(
                         "tablespaces {} and {} would be restored at {} and {}, which overlap; \
                          give each its own directory with --tablespace-map",
                         t.oid,
                         u.oid,
-                        loc.display(),
-                        u.location.display()
+                        ours.display(),
+                        theirs.display()
                     )));
                 }
             }
@@ -769,12 +816,28 @@ impl<'a> Layout<'a> {
             .ok_or_else(|| EngineError::Refused(format!("{path}: not a planned tablespace")))
     }
 
-    /// Without `--delta`, what the backup puts in each location must not
-    /// be there yet (the rest of the location may hold anything).
-    fn check_tablespaces_empty(&self) -> Result<()> {
-        for t in self.tablespaces.values() {
+    /// The tablespaces whose link in `target` already points at their
+    /// final location: a `--delta` restore may restore over what is there.
+    fn linked_in(&self, target: &Path) -> Vec<&'a str> {
+        self.tablespaces
+            .iter()
+            .filter(|(p, t)| std::fs::read_link(target.join(p)).is_ok_and(|l| l == t.location))
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// What the backup puts in each location must not be there yet (the
+    /// rest of the location may hold anything), except where `linked`
+    /// says the target's own link points there (`--delta`): a location
+    /// this target never linked to may be another cluster's, even a
+    /// running one's.
+    fn check_tablespaces_empty(&self, linked: &[&str]) -> Result<()> {
+        for (p, t) in &self.tablespaces {
+            if linked.contains(p) {
+                continue;
+            }
             let loc = &t.location;
-            match std::fs::symlink_metadata(loc) {
+            match std::fs::metadata(loc) {
                 Ok(m) if !m.is_dir() => {
                     return Err(EngineError::Refused(format!(
                         "tablespace location {} is not a directory",
@@ -794,10 +857,12 @@ impl<'a> Layout<'a> {
                 };
                 if !empty {
                     return Err(EngineError::Refused(format!(
-                        "tablespace directory {} already holds {n}; relocate it with \
-                         --tablespace-map {}=NEW_DIRECTORY, or use --delta to restore over it",
+                        "tablespace directory {} already holds {n}, which this restore did not \
+                         put there (another cluster's?); relocate the tablespace with \
+                         --tablespace-map {}=NEW_DIRECTORY, or remove {} if it is a stale copy",
                         loc.display(),
-                        t.original
+                        t.original,
+                        p.display()
                     )));
                 }
             }
@@ -805,11 +870,14 @@ impl<'a> Layout<'a> {
         Ok(())
     }
 
-    /// With `--delta`: prune this cluster's directories in each (final)
-    /// location, and only those.
-    fn prune_tablespaces(&self) -> Result<u64> {
+    /// With `--delta`: prune this cluster's directory in each location the
+    /// target already links to, and nothing else.
+    fn prune_tablespaces(&self, linked: &[&str]) -> Result<u64> {
         let mut removed = 0;
         for (ts_path, t) in &self.tablespaces {
+            if !linked.contains(ts_path) {
+                continue;
+            }
             for n in &t.owned {
                 let p = t.location.join(n);
                 let rel = format!("{ts_path}/{n}");
@@ -1051,6 +1119,40 @@ mod tests {
         );
         refused(&two, &[("/ts/c", "/x")], "no tablespace at /ts/c");
         refused(&two, &[("/ts/a", "x")], "absolute");
+        // A tablespace holds one version directory and nothing else.
+        let with = |extra: Entry| {
+            vec![
+                ts_entry("pg_tblspc/1", "tablespace", Some("/home/pg/.ssh")),
+                extra,
+            ]
+        };
+        refused(
+            &with(ts_entry("pg_tblspc/1/authorized_keys", "file", None)),
+            &[],
+            "PG_<major>",
+        );
+        refused(
+            &with(ts_entry("pg_tblspc/1/ssh", "dir", None)),
+            &[],
+            "PG_<major>",
+        );
+        assert_eq!(
+            plan(&with(ts_entry("pg_tblspc/1/PG_15_1", "dir", None)), &[]),
+            None
+        );
+        // Nested locations are fine: each version directory is apart.
+        let nested = [
+            ts_entry("pg_tblspc/1", "tablespace", Some("/ts/a")),
+            ts_entry("pg_tblspc/1/PG_15_1", "dir", None),
+            ts_entry("pg_tblspc/2", "tablespace", Some("/ts/a/b")),
+            ts_entry("pg_tblspc/2/PG_15_1", "dir", None),
+        ];
+        assert_eq!(plan(&nested, &[]), None);
+        refused(&nested, &[("/ts/a/b", "/ts/a")], "overlap");
+        // A relative location is restorable once relocated.
+        let rel = [ts_entry("pg_tblspc/3", "tablespace", Some("rel/ts"))];
+        refused(&rel, &[], "--tablespace-map rel/ts=NEW_DIRECTORY");
+        assert_eq!(plan(&rel, &[("rel/ts", "/abs/ts")]), None);
         let in_place = [
             ts_entry("pg_tblspc/5", "dir", None),
             ts_entry("pg_tblspc/5/PG_15_1", "dir", None),

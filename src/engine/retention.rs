@@ -752,8 +752,17 @@ impl Facts {
                 let tl = WalFile::parse(file, self.archive.segment_size)
                     .map_or(r.timeline, |k| k.timeline());
                 let name = wal_name(&self.server, self.archive.system_identifier, tl, file);
-                let meta: WalMeta = from_value(&repo.manifest_meta(&name).await?, &name)?;
-                Some(meta.archived)
+                match repo.manifest_meta(&name).await {
+                    Ok(v) => Some(from_value::<WalMeta>(&v, &name)?.archived),
+                    // Carried inside the backup, never archived: the run
+                    // ends with the backup's own WAL.
+                    Err(crate::repo::RepoError::NotFound { key })
+                        if key.ends_with(&name) && b.meta.included_wal.contains(file) =>
+                    {
+                        Some(b.meta.stop_time)
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             None => None,
         };

@@ -179,34 +179,45 @@ fn fill_password(cfg: &mut Config) -> Result<()> {
         cfg.password(pw.as_encoded_bytes());
         return Ok(());
     }
-    let path = match std::env::var_os("PGPASSFILE") {
+    let path = match std::env::var_os("PGPASSFILE").filter(|p| !p.is_empty()) {
         Some(p) => std::path::PathBuf::from(p),
         None => match std::env::var_os("HOME") {
             Some(h) => std::path::PathBuf::from(h).join(".pgpass"),
             None => return Ok(()),
         },
     };
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(PgError::io(format!("reading {}", path.display()), e)),
+    // As libpq: a file that cannot be read, or that others can read, is
+    // ignored (a connection that needs no password must not fail on it).
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(&path) else {
+        return Ok(());
     };
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&path)
-            .map_err(|e| PgError::io(format!("reading {}", path.display()), e))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            // libpq warns and ignores such a file.
-            return Ok(());
-        }
+    if !meta.is_file() || meta.permissions().mode() & 0o077 != 0 {
+        return Ok(());
     }
-    let Some(user) = cfg.get_user().map(str::to_string) else {
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    // tokio-postgres, like libpq, connects as the operating system's user
+    // when the conninfo names none.
+    let Some(user) = cfg
+        .get_user()
+        .map(str::to_string)
+        .or_else(|| std::env::var("USER").ok())
+        .or_else(|| std::env::var("LOGNAME").ok())
+    else {
         return Ok(());
     };
     let host = match cfg.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        // libpq reads a socket in the default directory as localhost.
+        Some(tokio_postgres::config::Host::Unix(p))
+            if !DEFAULT_SOCKET_DIRS
+                .iter()
+                .any(|d| p == std::path::Path::new(d)) =>
+        {
+            p.to_string_lossy().into_owned()
+        }
         _ => "localhost".to_string(),
     };
     let port = cfg.get_ports().first().copied().unwrap_or(5432).to_string();
@@ -217,6 +228,9 @@ fn fill_password(cfg: &mut Config) -> Result<()> {
     Ok(())
 }
 
+/// Where distributions' libpq looks for the server's socket by default.
+const DEFAULT_SOCKET_DIRS: [&str; 3] = ["/var/run/postgresql", "/run/postgresql", "/tmp"];
+
 /// The first `.pgpass` line matching host, port, database and user (`*`
 /// matches anything; `\:` and `\\` are escapes), as libpq reads it.
 fn pgpass_lookup(text: &str, host: &str, port: &str, db: &str, user: &str) -> Option<String> {
@@ -224,6 +238,8 @@ fn pgpass_lookup(text: &str, host: &str, port: &str, db: &str, user: &str) -> Op
         if line.starts_with('#') || line.trim().is_empty() {
             continue;
         }
+        // Five fields split at unescaped colons (the password too ends at
+        // one, as libpq reads it); `\\` escapes the next character.
         let mut fields = Vec::new();
         let mut cur = String::new();
         let mut chars = line.chars();
@@ -235,6 +251,7 @@ fn pgpass_lookup(text: &str, host: &str, port: &str, db: &str, user: &str) -> Op
                     }
                 }
                 ':' if fields.len() < 4 => fields.push(std::mem::take(&mut cur)),
+                ':' => break,
                 _ => cur.push(c),
             }
         }
@@ -510,7 +527,7 @@ mod tests {
                     *:*:*:*:fallback\n";
         assert_eq!(
             pgpass_lookup(text, "db", "5433", "postgres", "backup").as_deref(),
-            Some("pa:ss:word")
+            Some("pa:ss")
         );
         assert_eq!(
             pgpass_lookup(text, "localhost", "5432", "x", "y").as_deref(),

@@ -133,7 +133,7 @@ pub fn walk(pgdata: &Path, version_dir: &str) -> Result<Vec<Item>> {
             reason: "not a directory".into(),
         });
     }
-    walk_dir(pgdata, "", 0, version_dir, &mut out)?;
+    walk_dir(pgdata, "", 0, version_dir, &mut out, &mut HashSet::new())?;
     out.sort_by(|a, b| a.rel.cmp(&b.rel));
     Ok(out)
 }
@@ -154,7 +154,26 @@ fn walk_dir(
     depth: usize,
     version_dir: &str,
     out: &mut Vec<Item>,
+    seen: &mut HashSet<(u64, u64)>,
 ) -> Result<()> {
+    // Links are followed into directories: one reached twice is a loop (or
+    // two links to one directory), an error before it walks the cluster
+    // again and again.
+    match std::fs::metadata(dir) {
+        Ok(m) => {
+            use std::os::unix::fs::MetadataExt;
+            if !seen.insert((m.dev(), m.ino())) {
+                return Err(PgError::Invalid {
+                    path: dir.display().to_string(),
+                    reason: "this directory is reached twice: a symbolic link that loops, or two \
+                             links to one directory? Remove the link"
+                        .into(),
+                });
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && depth > 0 => return Ok(()),
+        Err(e) => return Err(PgError::io(format!("stat {}", dir.display()), e)),
+    }
     if depth > MAX_DEPTH {
         return Err(PgError::Invalid {
             path: dir.display().to_string(),
@@ -250,7 +269,7 @@ fn walk_dir(
                     Ok(vm) if vm.is_dir() => {
                         let vrel = format!("{child}/{version_dir}");
                         out.push(meta_item(vrel.clone(), ours.clone(), Kind::Dir, &vm));
-                        walk_dir(&ours, &vrel, depth + 1, version_dir, out)?;
+                        walk_dir(&ours, &vrel, depth + 1, version_dir, out, seen)?;
                     }
                     // A tablespace this server has not written into yet.
                     Ok(_) => {}
@@ -281,7 +300,7 @@ fn walk_dir(
                     // directory PostgreSQL needs, as in its base backup.
                     out.push(meta_item(child.clone(), abs.clone(), Kind::Dir, &tm));
                     if !(rel.is_empty() && EMPTY_DIRS.contains(&name.as_str())) {
-                        walk_dir(&abs, &child, depth + 1, version_dir, out)?;
+                        walk_dir(&abs, &child, depth + 1, version_dir, out, seen)?;
                     }
                 }
             }
@@ -294,7 +313,7 @@ fn walk_dir(
             } else if rel.is_empty() && EMPTY_DIRS.contains(&name.as_str()) {
                 // contents excluded
             } else {
-                walk_dir(&abs, &child, depth + 1, version_dir, out)?;
+                walk_dir(&abs, &child, depth + 1, version_dir, out, seen)?;
             }
         } else if m.is_file() {
             out.push(meta_item(child, abs, Kind::File, &m));
@@ -460,7 +479,7 @@ mod tests {
         // A link that loops is an error naming it, not a hang.
         std::os::unix::fs::symlink(p, p.join("base/loop")).unwrap();
         let e = walk(p, "PG_15_1").unwrap_err().to_string();
-        assert!(e.contains("loops"), "{e}");
+        assert!(e.contains("loops") && e.contains("base/loop"), "{e}");
         assert!(matches!(kind("pg_tblspc/16400"), Kind::TablespaceLink(_)));
     }
 }

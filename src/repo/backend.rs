@@ -319,7 +319,8 @@ fn retry_config() -> object_store::RetryConfig {
             max_backoff: Duration::from_secs(15),
             base: 2.0,
         },
-        max_retries: 20,
+        // Enough retries that the time limit is what ends them.
+        max_retries: usize::try_from(secs / 2 + 10).unwrap_or(usize::MAX),
         retry_timeout: Duration::from_secs(secs),
     }
 }
@@ -398,11 +399,23 @@ impl Backend for ObjectStoreBackend {
             .try_collect()
             .await
             .map_err(|e| self.classify(e))?;
-        // A "folder" marker (`keys/`, made by a console or s3fs) lists as
-        // the prefix itself: it is no object of the repository.
-        if let Some(p) = &p {
-            out.retain(|o| o.key != p.as_ref());
-        }
+        // A "folder" marker (`keys/`, made by a console, s3fs or rclone)
+        // lists as an empty object named like a directory: it is no object
+        // of the repository.
+        let dirs: std::collections::HashSet<&str> = out
+            .iter()
+            .flat_map(|o| o.key.match_indices('/').map(move |(i, _)| &o.key[..i]))
+            .collect();
+        let markers: std::collections::HashSet<String> = out
+            .iter()
+            .filter(|o| {
+                o.size == 0
+                    && (dirs.contains(o.key.as_str())
+                        || p.as_ref().is_some_and(|p| o.key == p.as_ref()))
+            })
+            .map(|o| o.key.clone())
+            .collect();
+        out.retain(|o| !markers.contains(&o.key));
         Ok(out)
     }
 

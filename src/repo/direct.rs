@@ -166,6 +166,7 @@ fn list_local(root: &Path, prefix: &str) -> BResult<Vec<ObjectInfo>> {
     let mut out = Vec::new();
     let mut dirs = vec![top];
     let mut first = true;
+    let mut seen = std::collections::HashSet::new();
     while let Some(dir) = dirs.pop() {
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
@@ -185,6 +186,17 @@ fn list_local(root: &Path, prefix: &str) -> BResult<Vec<ObjectInfo>> {
                 Err(e) => return Err(fail(&path, e)),
             };
             if meta.is_dir() {
+                // Links are followed: a directory reached twice is a loop.
+                use std::os::unix::fs::MetadataExt;
+                if !seen.insert((meta.dev(), meta.ino())) {
+                    return Err(BackendError::Permanent(
+                        format!(
+                            "{}: a directory reached twice (a link loop?)",
+                            path.display()
+                        )
+                        .into(),
+                    ));
+                }
                 dirs.push(path);
                 continue;
             }

@@ -153,6 +153,8 @@ pub struct Lease {
     pub started_store: i64,
     max_secs: i64,
     renewer: Option<tokio::task::JoinHandle<()>>,
+    /// Tells the renewer to stop after the renewal in progress, if any.
+    stop: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Lease {
@@ -191,6 +193,7 @@ impl Lease {
             started_store,
             max_secs,
             renewer: None,
+            stop: None,
         };
         lease.start_renewer();
         Ok(lease)
@@ -205,11 +208,16 @@ impl Lease {
             self.key.clone(),
             self.doc.clone(),
         );
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        self.stop = Some(stop);
         self.renewer = Some(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.tick().await;
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopped.changed() => return,
+                }
                 // A failed renewal is caught by `check` before commit.
                 let _ = renew(&*b, &s, &r, &k, &d).await;
             }
@@ -240,9 +248,16 @@ impl Lease {
 
     /// End the lease. Deleting needs a permission writers need not have, so
     /// a refusal is ignored; collectors remove expired leases.
+    /// A renewal in flight is let finish first: aborted mid-request, it
+    /// could still land after the delete and bring the lease back (a
+    /// collector's lease would then hold off collectors on other hosts for
+    /// a grace period).
     pub async fn release(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
         if let Some(h) = self.renewer.take() {
-            h.abort();
+            let _ = h.await;
         }
         let _ = self.backend.delete(&self.key).await;
     }
