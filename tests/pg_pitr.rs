@@ -205,6 +205,11 @@ fn include_wal_comes_from_the_archive_when_archiving() {
     src.append_conf("max_replication_slots = 0\n");
     src.start();
     run_ok(&mut src.pgbench(&["-i", "-s", "1", "-q"]));
+    // The archive-or-slot choice goes by the last file the server
+    // archived being in this repository.
+    let seg = src.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    src.psql("SELECT pg_switch_wal()");
+    wait_archived(&src, &seg);
     let out = cairn.backup(&src, "main", &["--include-wal", "--fast-checkpoint"]);
     println!("{out}");
     let shown = cairn.ok(&["show", "--server", "main", "latest", "--format", "json"]);

@@ -372,7 +372,8 @@ pub async fn run(
     // --include-wal takes the WAL from the archive when this server
     // archives with pgcairn (its chunks are stored already), else from
     // pg_wal under a temporary slot, so no needed segment is recycled.
-    let wal_from_archive = opts.include_wal && archives_with_pgcairn(&info);
+    let wal_from_archive =
+        opts.include_wal && archives_here(repo, &opts.server, &session, &info).await?;
     if opts.include_wal && !wal_from_archive {
         session
             .create_temp_slot(&format!("pgcairn_{}", std::process::id()))
@@ -517,21 +518,7 @@ pub async fn run(
 
     // The WAL that makes the copy consistent.
     let mut included = Vec::new();
-    if wal_from_archive {
-        wait_for_archive(
-            repo,
-            &opts.server,
-            &info,
-            &start_wal,
-            &stop_wal,
-            opts.wal_timeout,
-        )
-        .await?;
-        for (n, e) in archived_wal(repo, &opts.server, &info, &start_wal, &stop_wal).await? {
-            entries.push(e);
-            included.push(n);
-        }
-    } else if opts.include_wal {
+    if opts.include_wal && !wal_from_archive {
         progress.phase("copying WAL", 0);
         let first = segno_of(start_lsn, seg_size);
         // A name that does not parse is an error, not a one-segment range:
@@ -585,6 +572,12 @@ pub async fn run(
             opts.wal_timeout,
         )
         .await?;
+        if wal_from_archive {
+            for (n, e) in archived_wal(repo, &opts.server, &info, &start_wal, &stop_wal).await? {
+                entries.push(e);
+                included.push(n);
+            }
+        }
     }
     drop(session);
 
@@ -673,14 +666,32 @@ async fn free_backup_id(repo: &Repository, server: &str, start_time: i64) -> Res
     )))
 }
 
-/// Wait until every WAL segment from `start` to `stop` is in the archive.
-/// Whether the server's WAL goes to pgcairn's archive (the heuristic
-/// `check` uses too): archive_mode on and archive_command calling
-/// `pgcairn archive-push`.
-fn archives_with_pgcairn(info: &crate::pg::conn::ServerInfo) -> bool {
-    info.archive_mode != "off"
-        && info.archive_command.contains("pgcairn")
-        && info.archive_command.contains("archive-push")
+/// Whether the server's WAL is archived into this repository under this
+/// server name: archive_mode is on and the last file the archiver archived
+/// is here. A server that archives elsewhere (another repository, a
+/// self-contained copy for an air-gapped disk) or whose archiving fails
+/// gets its WAL from pg_wal instead.
+async fn archives_here(
+    repo: &Repository,
+    server: &str,
+    session: &Session,
+    info: &crate::pg::conn::ServerInfo,
+) -> Result<bool> {
+    if info.archive_mode == "off" {
+        return Ok(false);
+    }
+    let Some(last) = session.last_archived_wal().await? else {
+        return Ok(false);
+    };
+    let Some(kind) = crate::pg::wal::WalFile::parse(&last, info.wal_segment_size) else {
+        return Ok(false);
+    };
+    let name = wal_name(server, info.system_identifier, kind.timeline(), &last);
+    match repo.manifest_meta(&name).await {
+        Ok(_) => Ok(true),
+        Err(RepoError::NotFound { key }) if key.ends_with(&name) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The archived segments `start..=stop` and every archived history file of
@@ -736,6 +747,7 @@ async fn archived_wal(
     Ok(out)
 }
 
+/// Wait until every WAL segment from `start` to `stop` is in the archive.
 async fn wait_for_archive(
     repo: &Repository,
     server: &str,
@@ -773,7 +785,9 @@ async fn wait_for_archive(
         if Instant::now() >= deadline {
             return Err(EngineError::Refused(format!(
                 "the backup's WAL did not reach the repository within {}s (missing {}); check archive_command \
-                 (it must call `pgcairn archive-push %p`) and the server log, or back up with --include-wal",
+                 (it must call `pgcairn archive-push %p` into this repository) and the server log \
+                 (pg_stat_archiver); a backup with --include-wal of a server that does not archive here \
+                 copies its WAL from pg_wal instead",
                 timeout.as_secs(),
                 missing.join(", ")
             )));

@@ -751,6 +751,24 @@ impl<'a> Layout<'a> {
                 None => return Err(bad(&e.path, "lies in pg_tblspc outside any tablespace")),
             }
         }
+        // And deeper entries lie inside that version directory.
+        for e in entries {
+            let mut parts = e.path.splitn(4, '/');
+            let (Some("pg_tblspc"), Some(oid), Some(first), Some(_)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let ts_path = &e.path[..("pg_tblspc/".len() + oid.len())];
+            if let Some(ts) = tablespaces.get(ts_path) {
+                if !ts.owned.iter().any(|o| o == first) {
+                    return Err(bad(
+                        &e.path,
+                        "lies in its tablespace outside the PG_<major>_<catalog version> directory",
+                    ));
+                }
+            }
+        }
         // Every relocation names one of the backup's tablespaces: a typo
         // must not restore a tablespace at its old place instead.
         for (old, new) in map {
@@ -1139,6 +1157,11 @@ mod tests {
         assert_eq!(
             plan(&with(ts_entry("pg_tblspc/1/PG_15_1", "dir", None)), &[]),
             None
+        );
+        refused(
+            &with(ts_entry("pg_tblspc/1/.ssh/authorized_keys", "file", None)),
+            &[],
+            "outside the PG_<major>",
         );
         // Nested locations are fine: each version directory is apart.
         let nested = [

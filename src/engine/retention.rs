@@ -18,9 +18,11 @@
 //!   unpinned one before the window's start does.
 //!
 //! WAL: every segment, `.partial` and `.backup` file numbered below the
-//! oldest retained backup's start segment goes, on every timeline, except
-//! what a pinned backup needs from its own start to its stop and, for a
-//! full pin, everything from its start on. WAL positions
+//! oldest retained backup's start segment goes, on every timeline up to the
+//! oldest retained backup's timeline (a newer timeline may be a branch the
+//! retained backups cannot see, such as the live one after an in-place
+//! PITR), except what a pinned backup needs from its own start to its stop
+//! and, for a full pin, everything from its start on. WAL positions
 //! grow monotonically across timeline switches, so everything a retained
 //! backup needs, and every timeline recovery can follow from the oldest one,
 //! lies at or above that segment: the promised window stays covered.
@@ -409,8 +411,18 @@ pub fn plan_for(
         .map(|&i| backups[i].start_segno)
         .min()
         .unwrap_or(u64::MAX);
+    // WAL on a timeline newer than every retained backup's stays: after an
+    // in-place PITR from an older backup, the live timeline's WAL lies at
+    // positions below a retained backup of the abandoned branch. (pgBackRest
+    // and Barman keep it too: they compare names, timeline first.)
+    let oldest_timeline = idx
+        .iter()
+        .filter(|&&i| matches!(verdicts[i].status, Status::Kept | Status::MinimumRedundancy))
+        .filter_map(|&i| WalFile::parse(&backups[i].start_wal, archive.segment_size))
+        .map(|k| k.timeline())
+        .min();
     let mut remove: Vec<(u64, u32, &str)> = Vec::new();
-    if let Some(c) = cutoff {
+    if let (Some(c), Some(oldest_timeline)) = (cutoff, oldest_timeline) {
         for f in &archive.files {
             let (Some(segno), Some(kind)) = (f.segno(), &f.kind) else {
                 continue;
@@ -419,6 +431,9 @@ pub fn plan_for(
                 continue;
             }
             let timeline = kind.timeline();
+            if timeline > oldest_timeline {
+                continue;
+            }
             if matches!(kind, WalFile::Segment { .. })
                 && pinned.contains(&SegmentId { timeline, segno })
             {

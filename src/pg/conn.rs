@@ -200,12 +200,7 @@ fn fill_password(cfg: &mut Config) -> Result<()> {
     };
     // tokio-postgres, like libpq, connects as the operating system's user
     // when the conninfo names none.
-    let Some(user) = cfg
-        .get_user()
-        .map(str::to_string)
-        .or_else(|| std::env::var("USER").ok())
-        .or_else(|| std::env::var("LOGNAME").ok())
-    else {
+    let Some(user) = cfg.get_user().map(str::to_string).or_else(effective_user) else {
         return Ok(());
     };
     let host = match cfg.get_hosts().first() {
@@ -226,6 +221,34 @@ fn fill_password(cfg: &mut Config) -> Result<()> {
         cfg.password(pw);
     }
     Ok(())
+}
+
+/// The effective user's name from the password database, the user
+/// tokio-postgres and libpq connect as when the conninfo names none
+/// (`$USER` may be unset, in a container, or someone else's, under sudo).
+fn effective_user() -> Option<String> {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: a zeroed passwd is a valid out-parameter; getpwuid_r writes
+    // only into it and `buf` (whose length it is given), and `result`
+    // points into `pw` or is null.
+    unsafe {
+        let mut pw: libc::passwd = std::mem::zeroed();
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwuid_r(
+            libc::geteuid(),
+            &mut pw,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        );
+        if rc != 0 || result.is_null() || pw.pw_name.is_null() {
+            return None;
+        }
+        std::ffi::CStr::from_ptr(pw.pw_name)
+            .to_str()
+            .ok()
+            .map(str::to_string)
+    }
 }
 
 /// Where distributions' libpq looks for the server's socket by default.
@@ -457,6 +480,17 @@ impl Session {
         Ok(row.get(0))
     }
 
+    /// The last WAL file the archiver archived successfully, if any
+    /// (`pg_stat_archiver`).
+    pub async fn last_archived_wal(&self) -> Result<Option<String>> {
+        let row = self
+            .client
+            .query_one("SELECT last_archived_wal FROM pg_stat_archiver", &[])
+            .await
+            .map_err(q("pg_stat_archiver"))?;
+        Ok(row.get(0))
+    }
+
     /// Commit a transaction that has an xid, so that there is WAL to switch
     /// away from.
     pub async fn commit_marker(&self) -> Result<()> {
@@ -516,6 +550,11 @@ mod tests {
             "postgres://backup@db/postgres"
         );
         assert_eq!(redact("host=/tmp user=x"), "host=/tmp user=x");
+    }
+
+    #[test]
+    fn the_effective_user_is_named() {
+        assert!(super::effective_user().is_some_and(|u| !u.is_empty()));
     }
 
     #[test]

@@ -165,9 +165,11 @@ fn walk_dir(
             if !seen.insert((m.dev(), m.ino())) {
                 return Err(PgError::Invalid {
                     path: dir.display().to_string(),
-                    reason: "this directory is reached twice: a symbolic link that loops, or two \
-                             links to one directory? Remove the link"
-                        .into(),
+                    reason:
+                        "this directory is reached twice: a symbolic link that loops, two links \
+                             to one directory, or a tablespace located inside the data directory; \
+                             fix the link, or move the tablespace out of the data directory"
+                            .into(),
                 });
             }
         }

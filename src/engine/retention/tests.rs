@@ -610,24 +610,49 @@ fn a_full_pin_keeps_every_wal_file_from_its_start_on() {
             })
             .collect()
     };
-    // Standalone: only p's own segment 2 stays below y's start.
+    // Standalone: only p's own segment 2 stays below y's start on y's
+    // timeline; timeline 2, newer than every retained backup's, stays (it
+    // may be the live one after an in-place PITR from an older backup).
     assert_eq!(
         removed(&b),
-        vec![
-            (1, 1),
-            (1, 3),
-            (1, 4),
-            (1, 5),
-            (2, 5),
-            (1, 6),
-            (2, 6),
-            (1, 7),
-            (2, 7)
-        ]
+        vec![(1, 1), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7)]
     );
     // Full: everything from segment 2 on stays, on both timelines.
     b[0].full_pin = true;
     assert_eq!(removed(&b), vec![(1, 1)]);
     let v = plan(&a, &b, &rules, 1000);
     assert_eq!(v.remove_backups, vec!["x".to_string()]);
+}
+
+/// After an in-place PITR from an older backup, the live timeline's WAL
+/// lies below the start of a backup of the abandoned branch that
+/// retention keeps: it stays.
+#[test]
+fn the_live_timeline_after_an_in_place_pitr_keeps_its_wal() {
+    let mut names: Vec<String> = (1..=10)
+        .map(|s| wal_name("s", 7, 1, &segment_name(1, s, SEG)))
+        .collect();
+    names.extend((5..=7).map(|s| wal_name("s", 7, 2, &segment_name(2, s, SEG))));
+    let a = WalArchive::from_names("s", 7, SEG, names, BTreeMap::new());
+    // b0 on timeline 1 from segment 2; b1 on timeline 1 from segment 9,
+    // taken after the mistake; timeline 2 is the PITR from b0 to 5.
+    let b = vec![
+        fact("b0", 100, 2, true, false),
+        fact("b1", 200, 9, true, false),
+    ];
+    let rules = Rules {
+        policy: Some(Policy::Redundancy(1)),
+        minimum_redundancy: 0,
+    };
+    let p = plan(&a, &b, &rules, 1000);
+    assert_eq!(p.remove_backups, vec!["b0".to_string()]);
+    let on_2: Vec<&String> = p
+        .remove_wal
+        .iter()
+        .filter(|n| n.contains("/00000002/"))
+        .collect();
+    assert!(on_2.is_empty(), "{on_2:?}");
+    assert!(p
+        .remove_wal
+        .contains(&wal_name("s", 7, 1, &segment_name(1, 8, SEG))));
 }
