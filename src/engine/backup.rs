@@ -668,9 +668,9 @@ async fn free_backup_id(repo: &Repository, server: &str, start_time: i64) -> Res
 
 /// Whether the server's WAL is archived into this repository under this
 /// server name: archive_mode is on and the last file the archiver archived
-/// is here. A server that archives elsewhere (another repository, a
-/// self-contained copy for an air-gapped disk) or whose archiving fails
-/// gets its WAL from pg_wal instead.
+/// is here, with no failure since. A server that archives elsewhere
+/// (another repository, a self-contained copy for an air-gapped disk), or
+/// whose archiving fails, gets its WAL from pg_wal instead.
 async fn archives_here(
     repo: &Repository,
     server: &str,
@@ -680,7 +680,7 @@ async fn archives_here(
     if info.archive_mode == "off" {
         return Ok(false);
     }
-    let Some(last) = session.last_archived_wal().await? else {
+    let (Some(last), false) = session.archiver_status().await? else {
         return Ok(false);
     };
     let Some(kind) = crate::pg::wal::WalFile::parse(&last, info.wal_segment_size) else {

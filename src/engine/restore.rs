@@ -262,9 +262,15 @@ pub async fn run(
                 let locp = &ts.location;
                 let linked = opts.delta && std::fs::read_link(&path).is_ok_and(|t| t == *locp);
                 if !linked {
+                    // Only a location the restore creates gets 0700: an
+                    // existing one (a mount point, whatever a manifest
+                    // names) keeps its mode.
+                    let existed = std::fs::metadata(locp).is_ok();
                     create_dirs_durably(locp)?;
-                    std::fs::set_permissions(locp, std::fs::Permissions::from_mode(0o700))
-                        .map_err(io(format!("chmod {}", locp.display())))?;
+                    if !existed {
+                        std::fs::set_permissions(locp, std::fs::Permissions::from_mode(0o700))
+                            .map_err(io(format!("chmod {}", locp.display())))?;
+                    }
                     std::os::unix::fs::symlink(locp, &path)
                         .map_err(io(format!("linking {}", path.display())))?;
                 } else {

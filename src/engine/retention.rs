@@ -350,7 +350,8 @@ pub fn classify(backups: &[BackupFacts], rules: &Rules, now: i64) -> Vec<BackupV
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WalCutoff {
     pub backup_id: String,
-    /// WAL numbered below this segment goes, on every timeline.
+    /// WAL numbered below this segment goes, on every timeline up to the
+    /// oldest retained backup's (newer timelines stay whole).
     pub segment: String,
 }
 

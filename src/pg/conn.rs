@@ -227,27 +227,37 @@ fn fill_password(cfg: &mut Config) -> Result<()> {
 /// tokio-postgres and libpq connect as when the conninfo names none
 /// (`$USER` may be unset, in a container, or someone else's, under sudo).
 fn effective_user() -> Option<String> {
-    let mut buf = vec![0u8; 4096];
-    // SAFETY: a zeroed passwd is a valid out-parameter; getpwuid_r writes
-    // only into it and `buf` (whose length it is given), and `result`
-    // points into `pw` or is null.
-    unsafe {
-        let mut pw: libc::passwd = std::mem::zeroed();
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let rc = libc::getpwuid_r(
-            libc::geteuid(),
-            &mut pw,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        );
-        if rc != 0 || result.is_null() || pw.pw_name.is_null() {
-            return None;
+    let mut len = 16 * 1024;
+    loop {
+        let mut buf = vec![0u8; len];
+        // SAFETY: a zeroed passwd is a valid out-parameter; getpwuid_r
+        // writes only into it and `buf` (whose length it is given), and
+        // `result` points into `pw` or is null. The name is copied out
+        // while `buf` lives.
+        let (rc, name) = unsafe {
+            let mut pw: libc::passwd = std::mem::zeroed();
+            let mut result: *mut libc::passwd = std::ptr::null_mut();
+            let rc = libc::getpwuid_r(
+                libc::geteuid(),
+                &mut pw,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            );
+            let name = (rc == 0 && !result.is_null() && !pw.pw_name.is_null())
+                .then(|| {
+                    std::ffi::CStr::from_ptr(pw.pw_name)
+                        .to_str()
+                        .ok()
+                        .map(str::to_string)
+                })
+                .flatten();
+            (rc, name)
+        };
+        match rc {
+            libc::ERANGE if len < 1 << 20 => len *= 4,
+            _ => return name,
         }
-        std::ffi::CStr::from_ptr(pw.pw_name)
-            .to_str()
-            .ok()
-            .map(str::to_string)
     }
 }
 
@@ -480,15 +490,22 @@ impl Session {
         Ok(row.get(0))
     }
 
-    /// The last WAL file the archiver archived successfully, if any
-    /// (`pg_stat_archiver`).
-    pub async fn last_archived_wal(&self) -> Result<Option<String>> {
+    /// The last WAL file the archiver archived successfully, if any, and
+    /// whether archiving is failing now (a failure after that success, per
+    /// `pg_stat_archiver`).
+    pub async fn archiver_status(&self) -> Result<(Option<String>, bool)> {
         let row = self
             .client
-            .query_one("SELECT last_archived_wal FROM pg_stat_archiver", &[])
+            .query_one(
+                "SELECT last_archived_wal, \
+                        last_failed_time IS NOT NULL \
+                        AND (last_archived_time IS NULL OR last_failed_time > last_archived_time) \
+                 FROM pg_stat_archiver",
+                &[],
+            )
             .await
             .map_err(q("pg_stat_archiver"))?;
-        Ok(row.get(0))
+        Ok((row.get(0), row.get(1)))
     }
 
     /// Commit a transaction that has an xid, so that there is WAL to switch

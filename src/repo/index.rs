@@ -591,10 +591,19 @@ impl IndexSet {
             if meta.len() == size {
                 let bytes = read_tail(&path, &object)?;
                 if let Ok(dir) = self.read_directory_tail(&bytes.0, bytes.1, &object) {
-                    // The mtime says when a process last loaded it, so the
-                    // cache pruning never removes a copy still in use.
-                    if let Ok(f) = std::fs::File::open(&path) {
-                        let _ = f.set_modified(std::time::SystemTime::now());
+                    // The mtime says (to within a day) when a process last
+                    // loaded it, so the cache pruning, after a week unused,
+                    // never removes a copy still in use. At most once a day:
+                    // every process loads every object.
+                    let stale = meta
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_none_or(|age| age > std::time::Duration::from_secs(86400));
+                    if stale {
+                        if let Ok(f) = std::fs::File::open(&path) {
+                            let _ = f.set_modified(std::time::SystemTime::now());
+                        }
                     }
                     return Ok(Loaded::new(name, path, dir));
                 }
