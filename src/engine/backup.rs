@@ -370,8 +370,8 @@ pub async fn run(
     let tablespaces = session.tablespaces().await?;
     let seg_size = info.wal_segment_size;
     // --include-wal takes the WAL from the archive when this server
-    // archives with pgcairn (its chunks are stored already), else from
-    // pg_wal under a temporary slot, so no needed segment is recycled.
+    // archives into this repository (its chunks are stored already), else
+    // from pg_wal under a temporary slot, so no needed segment is recycled.
     let wal_from_archive =
         opts.include_wal && archives_here(repo, &opts.server, &session, &info).await?;
     if opts.include_wal && !wal_from_archive {
