@@ -288,13 +288,16 @@ pub struct RestoreArgs {
     /// Stop as soon as the backup is consistent.
     #[arg(long, group = "recovery_target")]
     pub target_immediate: bool,
-    /// Stop just before the target instead of just after it.
-    #[arg(long)]
+    /// Stop just before the target instead of just after it (with a time,
+    /// xid or LSN target; PostgreSQL ignores it for the others).
+    #[arg(long, requires = "recovery_target", conflicts_with_all = ["target_name", "target_immediate"])]
     pub target_exclusive: bool,
     /// latest, current, or a timeline id.
     #[arg(long)]
     pub target_timeline: Option<String>,
-    /// What to do at the target: pause, promote or shutdown.
+    /// What to do at the target: pause, promote or shutdown (pause and
+    /// shutdown need a target: recovery to the end of the archive always
+    /// promotes).
     #[arg(long, value_parser = ["pause", "promote", "shutdown"])]
     pub target_action: Option<String>,
     /// Keep the backup's archive_mode (by default it is set to off, so a

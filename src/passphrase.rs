@@ -19,6 +19,10 @@ pub struct PassphraseSource {
     pub env_value: bool,
     pub file: Option<PathBuf>,
     pub command: Option<String>,
+    /// Where `command` runs: the config file's directory for the config's
+    /// command (a relative script path in it is relative to the file, as
+    /// PostgreSQL runs archive_command in the data directory), else here.
+    pub command_dir: Option<PathBuf>,
     /// Which setting it is, for messages: a stray `PGCAIRN_PASSPHRASE`
     /// beats the config file without a word otherwise.
     pub origin: &'static str,
@@ -62,9 +66,11 @@ impl PassphraseSource {
         flag_file: Option<PathBuf>,
         config_file: Option<PathBuf>,
         config_command: Option<String>,
+        config_dir: Option<PathBuf>,
     ) -> Self {
         let env_file = || std::env::var_os("PGCAIRN_PASSPHRASE_FILE").map(PathBuf::from);
         let env_command = || std::env::var("PGCAIRN_PASSPHRASE_COMMAND").ok();
+        let mut command_dir = None;
         let (file, command, origin) = if flag_file.is_some() {
             (flag_file, None, "--passphrase-file")
         } else if std::env::var_os("PGCAIRN_PASSPHRASE").is_some() {
@@ -80,6 +86,7 @@ impl PassphraseSource {
         } else if config_file.is_some() {
             (config_file, None, "passphrase_file in the config file")
         } else if config_command.is_some() {
+            command_dir = config_dir;
             (
                 None,
                 config_command,
@@ -92,6 +99,7 @@ impl PassphraseSource {
             env_value: false,
             file,
             command,
+            command_dir,
             origin,
         }
     }
@@ -102,6 +110,13 @@ impl PassphraseSource {
             (Some(f), _) => format!("{} ({})", self.origin, f.display()),
             (None, Some(c)) => format!("{} (`{c}`)", self.origin),
             _ => self.origin.to_string(),
+        }
+    }
+
+    fn describe_dir(&self) -> String {
+        match &self.command_dir {
+            Some(d) => format!("{}, run in {}", self.origin, d.display()),
+            None => self.origin.to_string(),
         }
     }
 
@@ -128,16 +143,22 @@ impl PassphraseSource {
                 .map_err(|_| format!("passphrase file {} is empty", f.display()));
         }
         if let Some(c) = &self.command {
-            let out = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(c)
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .map_err(|e| format!("cannot run passphrase command: {e}"))?;
+            let mut cmd = std::process::Command::new("sh");
+            cmd.arg("-c").arg(c).stderr(std::process::Stdio::inherit());
+            if let Some(d) = &self.command_dir {
+                cmd.current_dir(d);
+            }
+            let out = cmd.output().map_err(|e| {
+                format!(
+                    "cannot run passphrase command `{c}` ({}): {e}",
+                    self.describe_dir()
+                )
+            })?;
             if !out.status.success() {
                 return Err(format!(
                     "passphrase command `{c}` ({}) failed with {}",
-                    self.origin, out.status
+                    self.describe_dir(),
+                    out.status
                 ));
             }
             return non_empty(trim_newline(out.stdout))

@@ -14,6 +14,11 @@ pub struct Settings {
     pub repository: RepositorySettings,
     #[serde(default)]
     pub server: std::collections::BTreeMap<String, ServerSettings>,
+    /// The directory of the file loaded: a config `passphrase_command`
+    /// runs there, so that a relative script path in it is relative to the
+    /// file like every other path in it.
+    #[serde(skip)]
+    pub dir: Option<PathBuf>,
 }
 
 /// `[server.NAME]`: one PostgreSQL cluster.
@@ -80,6 +85,7 @@ impl Settings {
         for srv in s.server.values_mut() {
             srv.pgdata.as_mut().map(anchor);
         }
+        s.dir = Some(base).filter(|b| !b.as_os_str().is_empty());
         Ok(s)
     }
 }

@@ -155,6 +155,36 @@ fn missing_repository_is_named() {
     );
 }
 
+/// Recovery options that PostgreSQL ignores without a target are refused
+/// rather than silently turned into a promotion.
+#[test]
+fn restore_options_that_need_a_target() {
+    let e = Env::new();
+    let t = e.dir.path().join("t");
+    let t = t.to_str().unwrap();
+    let o = e.cmd(
+        &["restore", "latest", t, "--target-action", "shutdown"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("needs a recovery target"), "{}", text(&o));
+    let o = e.cmd(&["restore", "latest", t, "--target-exclusive"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let o = e.cmd(
+        &[
+            "restore",
+            "latest",
+            t,
+            "--target-name",
+            "x",
+            "--target-exclusive",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(!e.dir.path().join("t").exists());
+}
+
 #[test]
 fn config_file_and_passphrase_command() {
     let e = Env::new();
@@ -206,6 +236,21 @@ fn config_file_and_passphrase_command() {
         "{}",
         text(&o)
     );
+    // A relative script in the config's command runs beside the file,
+    // wherever pgcairn runs (PostgreSQL runs archive_command in pgdata).
+    let script = e.dir.path().join("pw.sh");
+    std::fs::write(&script, "#!/bin/sh\nprintf cmd-pass\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[repository]\nurl = {:?}\npassphrase_command = \"./pw.sh\"\n",
+            other.to_string_lossy()
+        ),
+    )
+    .unwrap();
+    let o = run(&["--config", &c, "info", "--format", "json"]);
+    assert!(o.status.success(), "{}", text(&o));
     // The environment beats the config file, as for every setting.
     let with_env = |k: &str, v: &str| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgcairn"));

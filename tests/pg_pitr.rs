@@ -613,6 +613,45 @@ fn target_timeline_is_validated_against_archived_history() {
         "timeline 2 forked before b"
     );
     g.stop();
+    // `latest` with a timeline number and no time target: the newest
+    // backup that can reach it, passing over the newer one.
+    let newest_to_two = d.join("newest-to-two");
+    let out = cairn.ok(&[
+        "restore",
+        "--server",
+        "main",
+        "latest",
+        newest_to_two.to_str().unwrap(),
+        "--target-timeline",
+        "2",
+    ]);
+    let newer = rows[1]["id"].as_str().unwrap();
+    assert!(
+        out.contains(&format!("passed over backup {newer}")),
+        "{out}"
+    );
+    // A backup named by id that ended after a time target: refused before
+    // anything is written (PostgreSQL would refuse only after the restore).
+    let early = d.join("early");
+    let o = cairn.run(
+        &[
+            "restore",
+            "--server",
+            "main",
+            &first,
+            early.to_str().unwrap(),
+            "--target-time",
+            "2000-01-01 00:00:00+00",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("ended after the recovery target"),
+        "{}",
+        text(&o)
+    );
+    assert!(!early.exists());
 
     // A time target on timeline 2 after both backups ended: `latest`
     // passes over the newer backup (timeline 1, ended after the fork) and

@@ -159,7 +159,11 @@ async fn one_byte_change_in_100mib_stores_about_one_chunk() {
     let mut data = random_bytes(100 * 1024 * 1024, 11);
     let w = t.repo.writer("t").await.unwrap();
     let first = w.store_bytes(data.clone()).await.unwrap();
+    assert!(w.unindexed_new_chunks() > 0);
     w.flush().await.unwrap();
+    // Indexed now: the session forgets them and deduplicates the second
+    // copy through the index.
+    assert_eq!(w.unindexed_new_chunks(), 0);
     let before = w.stats();
     data[50 * 1024 * 1024 + 12345] ^= 0xff;
     let second = w.store_bytes(data).await.unwrap();
@@ -365,6 +369,10 @@ async fn several_keys_open_the_same_repository() {
         1
     );
     let first = t.repo.current_key().to_string();
+    // r2 unlocked with the second key and cannot tell that the first one
+    // opens this repository: it keeps the key it can vouch for.
+    let e = r2.remove_key(&second).await.unwrap_err();
+    assert!(e.to_string().contains("another key's passphrase"), "{e}");
     r2.remove_key(&first).await.unwrap();
     assert!(matches!(
         Repository::open(

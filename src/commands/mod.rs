@@ -71,6 +71,7 @@ impl Ctx {
             global.passphrase_file.clone(),
             settings.repository.passphrase_file.clone(),
             settings.repository.passphrase_command.clone(),
+            settings.dir.clone(),
         );
         Ok(Ctx {
             global,

@@ -12,6 +12,19 @@ use crate::pg::recovery::{command_arg, RecoverySettings};
 use crate::pg::timeline::parse_timestamp;
 
 pub async fn run(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
+    let has_target = a.target_time.is_some()
+        || a.target_xid.is_some()
+        || a.target_lsn.is_some()
+        || a.target_name.is_some()
+        || a.target_immediate;
+    if let Some(act @ ("pause" | "shutdown")) = a.target_action.as_deref() {
+        if !has_target {
+            anyhow::bail!(
+                "--target-action {act} needs a recovery target (--target-time, --target-xid, --target-lsn, \
+                 --target-name or --target-immediate): recovery to the end of the archive always promotes"
+            );
+        }
+    }
     let server = ctx.server_name(&a.server)?;
     let mut map = Vec::new();
     for m in &a.tablespace_map {

@@ -418,21 +418,27 @@ pub async fn select_backup(
     timeline: Option<Option<&str>>,
 ) -> Result<Selected> {
     let all = super::catalog::list_backups(repo, Some(server)).await?;
+    // PostgreSQL cannot stop before the backup is consistent (its end).
+    let ended_before = |b: &super::catalog::BackupRef| {
+        let by_time = target_time.is_none_or(|t| b.meta.ended_by() <= t);
+        let by_lsn = target_lsn.is_none_or(|t| {
+            b.meta
+                .stop_lsn
+                .parse::<crate::pg::wal::Lsn>()
+                .is_ok_and(|s| s <= t)
+        });
+        by_time && by_lsn
+    };
     let candidates: Vec<_> = if id == "latest" {
         let n = all.len();
-        let ended_before = |b: &super::catalog::BackupRef| {
-            let by_time = target_time.is_none_or(|t| b.meta.ended_by() <= t);
-            let by_lsn = target_lsn.is_none_or(|t| {
-                b.meta
-                    .stop_lsn
-                    .parse::<crate::pg::wal::Lsn>()
-                    .is_ok_and(|s| s <= t)
-            });
-            by_time && by_lsn
-        };
         let mut c: Vec<_> = all.into_iter().rev().filter(ended_before).collect();
-        // Without a time or LSN target, `latest` is the newest backup.
-        if target_time.is_none() && target_lsn.is_none() {
+        // Without a time or LSN target, `latest` is the newest backup;
+        // with a timeline number, the newest that can reach it (an older
+        // timeline after a failover needs a backup taken on it).
+        let numbered = timeline
+            .flatten()
+            .is_some_and(|t| t != "latest" && t != "current");
+        if target_time.is_none() && target_lsn.is_none() && !numbered {
             c.truncate(1);
         }
         if c.is_empty() {
@@ -453,6 +459,14 @@ pub async fn select_backup(
                     repo.location()
                 ))
             })?;
+        // Known now, not after the whole restore from PostgreSQL.
+        if !ended_before(&b) {
+            return Err(EngineError::Refused(format!(
+                "backup {id} ended after the recovery target (stop LSN {}), and recovery cannot stop \
+                 before a backup's end: choose a backup that ended before the target, or `latest`",
+                b.meta.stop_lsn
+            )));
+        }
         vec![b]
     };
     let Some(requested) = timeline else {
@@ -547,6 +561,13 @@ async fn check_timeline(
     };
     if target == meta.timeline {
         return Ok(target);
+    }
+    if target < meta.timeline {
+        return Err(EngineError::Refused(format!(
+            "the backup is on timeline {}, after timeline {target}: recovery never goes back to an \
+             earlier timeline; restore a backup taken on timeline {target}",
+            meta.timeline
+        )));
     }
     let Some(name) = histories.get(&target) else {
         return Err(EngineError::Refused(format!(

@@ -46,6 +46,9 @@ const REPLACED: &[&str] = &[
     "recovery_target_action",
     "recovery_end_command",
     "archive_cleanup_command",
+    // Honoured in archive recovery too: a promoted delayed standby's
+    // '4h' would hold a PITR back by hours.
+    "recovery_min_apply_delay",
 ];
 
 /// Quote a value for postgresql.conf. PostgreSQL's configuration lexer
@@ -104,25 +107,23 @@ pub fn write(
         return Ok(Vec::new());
     }
     let auto = pgdata.join("postgresql.auto.conf");
-    let old = match std::fs::read_to_string(&auto) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(PgError::io(format!("reading {}", auto.display()), e)),
-    };
-    let mut out = String::new();
+    let old = read_conf(&auto)?.unwrap_or_default();
+    let mut out = Vec::new();
     let mut commented = Vec::new();
-    for line in old.lines() {
-        let replace = setting_name(line).is_some_and(|n| {
+    for line in conf_lines(&old) {
+        let text = String::from_utf8_lossy(line);
+        let replace = setting_name(&text).is_some_and(|n| {
             (recovery.is_some() && REPLACED.contains(&n.as_str()))
                 || (archive_mode_off && n == "archive_mode")
         });
         if replace {
-            commented.push(line.to_string());
-            out.push_str("# pgcairn restore: ");
+            commented.push(text.into_owned());
+            out.extend_from_slice(b"# pgcairn restore: ");
         }
-        out.push_str(line);
-        out.push('\n');
+        out.extend_from_slice(line);
+        out.push(b'\n');
     }
+    let mut out = Out(out);
     out.push_str("# Settings written by pgcairn restore\n");
     if let Some(s) = recovery {
         let mut set = |k: &str, v: &str| out.push_str(&format!("{k} = {}\n", conf_quote(v)));
@@ -144,11 +145,12 @@ pub fn write(
         set("recovery_target_action", &s.action);
         set("recovery_end_command", "");
         set("archive_cleanup_command", "");
+        set("recovery_min_apply_delay", "0");
     }
     if archive_mode_off {
         out.push_str("archive_mode = 'off'\n");
     }
-    write_synced(&auto, out.as_bytes())?;
+    write_synced(&auto, &out.0)?;
     if recovery.is_some() {
         commented.extend(comment_out_mixed_case_targets(pgdata)?);
         write_synced(&pgdata.join("recovery.signal"), b"")?;
@@ -162,31 +164,61 @@ pub fn write(
 /// lines, and two targets stop the server. Such lines are commented out.
 fn comment_out_mixed_case_targets(pgdata: &Path) -> Result<Vec<String>> {
     let conf = pgdata.join("postgresql.conf");
-    let text = match std::fs::read_to_string(&conf) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(PgError::io(format!("reading {}", conf.display()), e)),
+    let Some(text) = read_conf(&conf)? else {
+        return Ok(Vec::new());
     };
-    let mixed = |line: &str| {
-        setting_name(line).is_some_and(|n| {
+    let mixed = |line: &[u8]| {
+        let line = String::from_utf8_lossy(line);
+        setting_name(&line).is_some_and(|n| {
             TARGETS.contains(&n.as_str()) && !line.trim_start().starts_with(n.as_str())
         })
     };
-    if !text.lines().any(mixed) {
+    if !conf_lines(&text).any(mixed) {
         return Ok(Vec::new());
     }
-    let mut out = String::new();
+    let mut out = Vec::new();
     let mut commented = Vec::new();
-    for line in text.lines() {
+    for line in conf_lines(&text) {
         if mixed(line) {
-            commented.push(format!("{line} (postgresql.conf)"));
-            out.push_str("# pgcairn restore: ");
+            commented.push(format!(
+                "{} (postgresql.conf)",
+                String::from_utf8_lossy(line)
+            ));
+            out.extend_from_slice(b"# pgcairn restore: ");
         }
-        out.push_str(line);
-        out.push('\n');
+        out.extend_from_slice(line);
+        out.push(b'\n');
     }
-    write_synced(&conf, out.as_bytes())?;
+    write_synced(&conf, &out)?;
     Ok(commented)
+}
+
+/// A configuration file's bytes, `None` if it does not exist. PostgreSQL
+/// reads them as bytes: a Latin-1 comment or value is not an error, and
+/// lines not rewritten are kept byte for byte.
+fn read_conf(path: &Path) -> Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(PgError::io(format!("reading {}", path.display()), e)),
+    }
+}
+
+/// The lines of a file, without their line feeds (a final line without
+/// one is a line; nothing after the last line feed is not).
+fn conf_lines(text: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let text = text.strip_suffix(b"\n").unwrap_or(text);
+    text.split(|&b| b == b'\n')
+        .filter(move |_| !text.is_empty())
+}
+
+/// Text appended to a byte buffer.
+struct Out(Vec<u8>);
+
+impl Out {
+    fn push_str(&mut self, s: &str) {
+        self.0.extend_from_slice(s.as_bytes());
+    }
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
@@ -320,6 +352,32 @@ mod tests {
             t,
             "# pgcairn restore: Recovery_Target_Time = 'x'\nrecovery_target_name = 'y'\nwork_mem = '4MB'\n"
         );
+    }
+
+    /// Configuration files are bytes to PostgreSQL: Latin-1 in a comment
+    /// or a value is kept byte for byte, never an error after a restore.
+    #[test]
+    fn latin1_configuration_files_are_kept_byte_for_byte() {
+        let d = tempfile::tempdir().unwrap();
+        let conf = b"# Einstellungen f\xfcr den Server\nRecovery_Target_Time = 'x'\ncluster_name = 'M\xfcnchen'".to_vec();
+        let auto =
+            b"# f\xfcr\nrecovery_min_apply_delay = '4h'\napplication_name = '\xe9t\xe9'\n".to_vec();
+        std::fs::write(d.path().join("postgresql.conf"), &conf).unwrap();
+        std::fs::write(d.path().join("postgresql.auto.conf"), &auto).unwrap();
+        let commented = write(d.path(), Some(&settings(None)), true).unwrap();
+        assert_eq!(commented.len(), 2, "{commented:?}");
+        let c = std::fs::read(d.path().join("postgresql.conf")).unwrap();
+        assert_eq!(
+            c,
+            b"# Einstellungen f\xfcr den Server\n# pgcairn restore: Recovery_Target_Time = 'x'\ncluster_name = 'M\xfcnchen'\n"
+        );
+        let a = std::fs::read(d.path().join("postgresql.auto.conf")).unwrap();
+        assert!(a.starts_with(
+            b"# f\xfcr\n# pgcairn restore: recovery_min_apply_delay = '4h'\napplication_name = '\xe9t\xe9'\n"
+        ));
+        let t = String::from_utf8_lossy(&a);
+        assert_eq!(value_of(&t, "recovery_min_apply_delay").unwrap(), "0");
+        assert_eq!(value_of(&t, "archive_mode").unwrap(), "off");
     }
 
     /// Without recovery, only archive_mode is written, and no signal file.

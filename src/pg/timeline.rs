@@ -57,7 +57,8 @@ pub fn reachable(from: u32, backup_end: Lsn, target: u32, history: &[Fork]) -> R
 pub fn parse_timestamp(s: &str) -> Result<f64, String> {
     let bad = || format!("{s:?}: expected a time like '2026-11-22 14:05:00+00'");
     let t = s.trim();
-    if t.len() < 19 {
+    // ASCII only: the byte offsets below must fall on characters.
+    if t.len() < 19 || !t.is_ascii() {
         return Err(bad());
     }
     let (date, rest) = t.split_at(10);
@@ -184,6 +185,10 @@ mod tests {
             "2026-11-22 25:00:00+00",
             "2026-11-22 10:61:00+00",
             "2026-11-22 10:00:00+16",
+            // Multi-byte characters where the parser splits: an error,
+            // not a panic.
+            "2026-11-2½ 14:00:00+00",
+            "2026-11-22 14:00:00+é0",
         ] {
             assert!(parse_timestamp(bad).is_err(), "{bad} accepted");
         }

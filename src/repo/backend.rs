@@ -519,23 +519,34 @@ pub fn open(url: &str, create: bool) -> Result<DynBackend> {
 /// Write an object that must never be overwritten. If it already exists
 /// (a retried request that did land, or another writer storing the same
 /// content-addressed object), read it back: identical content is success,
-/// different content is a `Conflict` and nothing is overwritten.
+/// different content is a `Conflict` and nothing is overwritten. S3 answers
+/// 409 to a create that races another write of the key still in progress,
+/// which reads back as absent: ask again a few times, and never report
+/// "not found" from a write.
 pub async fn put_immutable(b: &dyn Backend, key: &str, data: Bytes) -> Result<PutOutcome> {
-    match b.put(key, data.clone(), WriteMode::Create).await {
-        Ok(()) => Ok(PutOutcome::Created),
-        Err(BackendError::AlreadyExists) => {
-            let existing = b
-                .get(key)
-                .await
-                .map_err(|e| e.into_repo("read-back", key))?;
-            if existing == data {
-                Ok(PutOutcome::AlreadyPresent)
-            } else {
-                Err(RepoError::Conflict { key: key.into() })
-            }
+    const ATTEMPTS: u32 = 5;
+    for attempt in 0..ATTEMPTS {
+        match b.put(key, data.clone(), WriteMode::Create).await {
+            Ok(()) => return Ok(PutOutcome::Created),
+            Err(BackendError::AlreadyExists) => match b.get(key).await {
+                Ok(existing) if existing == data => return Ok(PutOutcome::AlreadyPresent),
+                Ok(_) => return Err(RepoError::Conflict { key: key.into() }),
+                Err(BackendError::NotFound) if attempt + 1 < ATTEMPTS => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await
+                }
+                Err(BackendError::NotFound) => break,
+                Err(e) => return Err(e.into_repo("read-back", key)),
+            },
+            Err(e) => return Err(e.into_repo("create", key)),
         }
-        Err(e) => Err(e.into_repo("create", key)),
     }
+    Err(RepoError::Storage {
+        op: "create",
+        key: key.into(),
+        source: "the store refused the create as a conflict, yet the object cannot be read: \
+                 another write of it may still be in progress; rerun the command"
+            .into(),
+    })
 }
 
 /// Check that the store refuses to overwrite on a create-if-absent write
@@ -673,6 +684,66 @@ mod tests {
             self.fail()?;
             self.inner.delete(key).await
         }
+    }
+
+    /// A real local store whose first `n` creates answer "exists" without
+    /// writing, as S3's 409 to a create racing a write in progress.
+    #[derive(Debug)]
+    struct Racing {
+        inner: ObjectStoreBackend,
+        conflicts: std::sync::atomic::AtomicU32,
+    }
+
+    #[async_trait]
+    impl Backend for Racing {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        async fn put(&self, key: &str, data: Bytes, mode: WriteMode) -> BResult<()> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if mode == WriteMode::Create && self.conflicts.load(SeqCst) > 0 {
+                self.conflicts.fetch_sub(1, SeqCst);
+                return Err(BackendError::AlreadyExists);
+            }
+            self.inner.put(key, data, mode).await
+        }
+        async fn get(&self, key: &str) -> BResult<Bytes> {
+            self.inner.get(key).await
+        }
+        async fn get_range(&self, key: &str, range: Range<u64>) -> BResult<Bytes> {
+            self.inner.get_range(key, range).await
+        }
+        async fn head(&self, key: &str) -> BResult<ObjectInfo> {
+            self.inner.head(key).await
+        }
+        async fn list(&self, prefix: &str) -> BResult<Vec<ObjectInfo>> {
+            self.inner.list(prefix).await
+        }
+        async fn delete(&self, key: &str) -> BResult<()> {
+            self.inner.delete(key).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_create_conflict_that_reads_back_absent_is_never_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Racing {
+            inner: ObjectStoreBackend::open(dir.path().to_str().unwrap(), false).unwrap(),
+            conflicts: std::sync::atomic::AtomicU32::new(2),
+        };
+        // The racing write went away: asked again, the create lands.
+        let out = put_immutable(&r, "k", Bytes::from_static(b"v"))
+            .await
+            .unwrap();
+        assert_eq!(out, PutOutcome::Created);
+        assert_eq!(get(&r, "k").await.unwrap(), Bytes::from_static(b"v"));
+        // It never settles: a storage error naming the object, not NotFound.
+        r.conflicts.store(100, std::sync::atomic::Ordering::SeqCst);
+        let e = put_immutable(&r, "k2", Bytes::from_static(b"v"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RepoError::Storage { .. }), "{e}");
+        assert!(e.to_string().contains("k2"), "{e}");
     }
 
     #[tokio::test]

@@ -331,42 +331,60 @@ impl IndexSet {
     pub async fn refresh(&self) -> Result<()> {
         // An object listed but gone when fetched was superseded by the
         // collector, which writes the compacted object first: list again
-        // (a few times) so that the replacement is seen.
+        // (a few times, with a pause, as the collector may be deleting a
+        // run of them) so that the replacement is seen. Only an object
+        // still listed and still missing is an error.
         let mut attempt = 0;
         loop {
-            match self.refresh_once().await {
-                Err(RepoError::NotFound { .. }) if attempt < 3 => attempt += 1,
-                other => return other,
+            match self.refresh_once().await? {
+                None => return Ok(()),
+                Some(gone) if attempt >= 5 => return Err(RepoError::NotFound { key: gone }),
+                Some(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+                    attempt += 1;
+                }
             }
         }
     }
 
-    async fn refresh_once(&self) -> Result<()> {
+    /// One pass; `Some(key)` names an object listed but not found.
+    async fn refresh_once(&self) -> Result<Option<String>> {
+        // Objects loaded after this point (a writer adding what it wrote)
+        // are not in the listing below, and stay.
+        let before: HashSet<String> = self.read_loaded().iter().map(|l| l.name.clone()).collect();
         let listed = backend::list(&*self.backend, INDEX_PREFIX).await?;
         let names: HashSet<String> = listed
             .iter()
             .filter_map(|o| o.key.strip_prefix(INDEX_PREFIX).map(str::to_string))
             .collect();
-        let have: HashSet<String> = self.read_loaded().iter().map(|l| l.name.clone()).collect();
+        let mut gone = None;
         for o in &listed {
             let Some(name) = o.key.strip_prefix(INDEX_PREFIX) else {
                 continue;
             };
-            if !have.contains(name) {
-                let l = self.load_object(name, o.size).await?;
-                self.write_loaded().push(Arc::new(l));
-                self.changed();
+            if self.read_loaded().iter().any(|l| l.name == name) {
+                continue;
+            }
+            match self.load_object(name, o.size).await {
+                Ok(l) => {
+                    self.write_loaded().push(Arc::new(l));
+                    self.changed();
+                }
+                Err(RepoError::NotFound { key }) => gone = Some(key),
+                Err(e) => return Err(e),
             }
         }
         let mut loaded = self.write_loaded();
-        let before = loaded.len();
-        loaded.retain(|l| names.contains(&l.name));
-        if loaded.len() != before {
+        let n = loaded.len();
+        loaded.retain(|l| names.contains(&l.name) || !before.contains(&l.name));
+        if loaded.len() != n {
             self.changed();
         }
         drop(loaded);
-        self.prune_cache(&names);
-        Ok(())
+        if gone.is_none() {
+            self.prune_cache(&names);
+        }
+        Ok(gone)
     }
 
     /// Remove cached copies of objects the store no longer lists (the
@@ -404,17 +422,34 @@ impl IndexSet {
     /// instead of failing the whole load (for `verify`, which names every
     /// damaged object). A failed listing is still an error.
     pub async fn refresh_reporting(&self) -> Result<Vec<(String, RepoError)>> {
-        let listed = backend::list(&*self.backend, INDEX_PREFIX).await?;
         let mut bad = Vec::new();
-        let mut fresh = Vec::new();
-        for o in &listed {
-            let Some(name) = o.key.strip_prefix(INDEX_PREFIX) else {
-                continue;
-            };
-            match self.load_object_from(name, o.size, false).await {
-                Ok(l) => fresh.push(Arc::new(l)),
-                Err(e) => bad.push((o.key.clone(), e)),
+        let mut fresh: Vec<Arc<Loaded>> = Vec::new();
+        // A listed object found gone was superseded by a collector if a
+        // later listing no longer has it (its replacement is then listed).
+        let mut attempt = 0;
+        loop {
+            let listed = backend::list(&*self.backend, INDEX_PREFIX).await?;
+            let mut gone = Vec::new();
+            for o in &listed {
+                let Some(name) = o.key.strip_prefix(INDEX_PREFIX) else {
+                    continue;
+                };
+                if fresh.iter().any(|l| l.name == name)
+                    || bad.iter().any(|b: &(String, RepoError)| b.0 == o.key)
+                {
+                    continue;
+                }
+                match self.load_object_from(name, o.size, false).await {
+                    Ok(l) => fresh.push(Arc::new(l)),
+                    Err(RepoError::NotFound { .. }) if attempt < 5 => gone.push(o.key.clone()),
+                    Err(e) => bad.push((o.key.clone(), e)),
+                }
             }
+            if gone.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+            attempt += 1;
         }
         *self.write_loaded() = fresh;
         self.changed();
@@ -983,5 +1018,103 @@ mod tests {
                 .into_iter()
                 .collect()
         );
+    }
+
+    /// A store whose next `phantom` listings still show an index object a
+    /// collector has just deleted (it superseded it).
+    #[derive(Debug)]
+    struct Superseded {
+        inner: DynBackend,
+        phantom: std::sync::atomic::AtomicU32,
+    }
+
+    const GONE: &str = "index/00000000000000000000000000000000000000000000000000000000000000aa";
+
+    #[async_trait::async_trait]
+    impl backend::Backend for Superseded {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        async fn put(&self, k: &str, d: Bytes, m: backend::WriteMode) -> backend::BResult<()> {
+            self.inner.put(k, d, m).await
+        }
+        async fn get(&self, k: &str) -> backend::BResult<Bytes> {
+            self.inner.get(k).await
+        }
+        async fn get_range(&self, k: &str, r: std::ops::Range<u64>) -> backend::BResult<Bytes> {
+            self.inner.get_range(k, r).await
+        }
+        async fn head(&self, k: &str) -> backend::BResult<backend::ObjectInfo> {
+            self.inner.head(k).await
+        }
+        async fn list(&self, prefix: &str) -> backend::BResult<Vec<backend::ObjectInfo>> {
+            let mut l = self.inner.list(prefix).await?;
+            let left = self.phantom.load(Ordering::SeqCst);
+            if left > 0 {
+                self.phantom.store(left - 1, Ordering::SeqCst);
+                l.insert(
+                    0,
+                    backend::ObjectInfo {
+                        key: GONE.into(),
+                        size: 100,
+                        modified: 0,
+                    },
+                );
+            }
+            Ok(l)
+        }
+        async fn delete(&self, k: &str) -> backend::BResult<()> {
+            self.inner.delete(k).await
+        }
+    }
+
+    /// An index object listed, then deleted by a collector before it is
+    /// fetched, is not an error once a later listing no longer has it (a
+    /// standby's archive-get exited 255 on it); one that stays listed and
+    /// missing is.
+    #[tokio::test]
+    async fn an_index_object_superseded_during_a_refresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Superseded {
+            inner: backend::open(dir.path().to_str().unwrap(), false).unwrap(),
+            phantom: std::sync::atomic::AtomicU32::new(2),
+        });
+        let b: DynBackend = store.clone();
+        let mk = MasterKey::generate().unwrap();
+        let sealer = Sealer::new(true, &mk.derive().seal);
+        let rid = [3u8; 16];
+        let id = ChunkId([5; 32]);
+        let packs = vec![(
+            PackInfo {
+                id: ChunkId([1; 32]),
+                size: 100,
+                kind: ChunkKind::Data,
+            },
+            vec![PackEntry {
+                id,
+                kind: ChunkKind::Data,
+                offset: 9,
+                length: 10,
+                raw_length: 10,
+                base: None,
+            }],
+        )];
+        let (name, bytes) = build_index(&sealer, &rid, &packs, 100).unwrap();
+        backend::put_immutable(&*b, &index_object(&name), Bytes::from(bytes))
+            .await
+            .unwrap();
+        let set = IndexSet::new(b.clone(), sealer.clone(), rid, dir.path().join("c"), 100);
+        set.refresh().await.unwrap();
+        assert!(set.lookup(&id).unwrap().is_some());
+        store.phantom.store(2, Ordering::SeqCst);
+        assert!(set.refresh_reporting().await.unwrap().is_empty());
+        assert!(set.lookup(&id).unwrap().is_some());
+        // Listed every time and never there: an error naming it.
+        let fresh = IndexSet::new(b, sealer, rid, dir.path().join("c2"), 100);
+        store.phantom.store(100, Ordering::SeqCst);
+        match fresh.refresh().await {
+            Err(RepoError::NotFound { key }) => assert_eq!(key, GONE),
+            other => panic!("expected NotFound, got {:?}", other.map(|_| ())),
+        }
     }
 }

@@ -133,6 +133,9 @@ pub(crate) struct Inner {
     pub sealer: Sealer,
     pub index: Arc<IndexSet>,
     pub key_id: String,
+    /// Keys this process added: with `key_id`, the keys known to open
+    /// this repository.
+    pub added_keys: std::sync::Mutex<Vec<String>>,
     pub master: MasterKey,
     pub opts: OpenOptions,
     /// Ranged pack reads issued by restores and manifest reads: what a
@@ -412,6 +415,7 @@ impl Repository {
                 sealer,
                 index,
                 key_id,
+                added_keys: std::sync::Mutex::new(Vec::new()),
                 master,
                 opts,
                 pack_reads: std::sync::atomic::AtomicU64::new(0),
@@ -732,10 +736,18 @@ impl Repository {
             Bytes::from(kf.encode()?),
         )
         .await?;
+        self.inner
+            .added_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(id.clone());
         Ok(id)
     }
 
-    /// Remove a key object. Refuses to remove the last key. Removal revokes
+    /// Remove a key object. Refuses to remove the last key, and the key
+    /// this process unlocked with unless it added another: any other key
+    /// may be one an interrupted `init` left, wrapping another master key,
+    /// and nothing here can tell without its passphrase. Removal revokes
     /// nothing already copied (see repo-format.md).
     pub async fn remove_key(&self, id: &str) -> Result<()> {
         let keys = self.list_keys().await?;
@@ -753,6 +765,26 @@ impl Repository {
             return Err(RepoError::invalid(
                 "key remove",
                 "refusing to remove the repository's last key",
+            ));
+        }
+        let mut proven = self
+            .inner
+            .added_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        proven.push(self.inner.key_id.clone());
+        if !proven
+            .iter()
+            .any(|p| p != id && keys.iter().any(|k| &k.id == p))
+        {
+            return Err(RepoError::invalid(
+                "key remove",
+                format!(
+                    "key {id} is the key this command opened the repository with, and no other key \
+                     is known to open it (a key left by an interrupted init does not); run key remove \
+                     with another key's passphrase, which proves that key works"
+                ),
             ));
         }
         let object = key_object(id);

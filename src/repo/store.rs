@@ -123,6 +123,11 @@ struct Shared {
     /// while this writer runs (a mark older than the session is due within
     /// it), and a mark swept is no longer listed at commit.
     marks_at_start: Condemned,
+    /// New chunks of this session not yet in an index object it wrote:
+    /// a second copy of one is not stored. Chunks found in the index are
+    /// not kept here, and written ones leave once indexed, so this stays
+    /// a few index flushes' worth however large the cluster (it held every
+    /// chunk of a backup, about 50 bytes each).
     seen: Mutex<HashSet<ChunkId>>,
     /// Bases of the delta copies this session relies on (new or reused):
     /// the rescue at commit covers them as it covers referenced chunks.
@@ -262,11 +267,8 @@ impl Writer {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
             for c in chunks.iter() {
-                if !lock(&shared.seen).contains(&c.0) {
-                    if !shared.stored_safely(&c.0)? {
-                        return Ok(false);
-                    }
-                    lock(&shared.seen).insert(c.0);
+                if !lock(&shared.seen).contains(&c.0) && !shared.stored_safely(&c.0)? {
+                    return Ok(false);
                 }
             }
             let mut st = lock(&shared.stats);
@@ -275,6 +277,13 @@ impl Writer {
             Ok(true)
         })
         .await?
+    }
+
+    /// New chunks of this session not yet in an index object: what the
+    /// session holds to deduplicate against (bounded by index flushes, not
+    /// by the size of what it stores).
+    pub fn unindexed_new_chunks(&self) -> usize {
+        lock(&self.shared.seen).len()
     }
 
     pub async fn store_bytes(&self, data: Vec<u8>) -> Result<StoredStream> {
@@ -570,6 +579,10 @@ impl Writer {
             }
             std::mem::take(&mut *u)
         };
+        let written: Vec<ChunkId> = pending
+            .iter()
+            .flat_map(|(_, e)| e.iter().map(|e| e.id))
+            .collect();
         let inner = self.shared.inner.clone();
         let page = inner.config.index_page_entries as usize;
         let (name, bytes) = {
@@ -579,6 +592,12 @@ impl Writer {
             })
             .await??
         };
+        // A session that overran its lease (a host frozen for days) must
+        // not index packs: a collector may have condemned them as a killed
+        // writer's leftovers, and other writers would then rely on them.
+        if let Some(l) = &self.lease {
+            l.check().await?;
+        }
         backend::put_immutable(
             &*inner.backend,
             &index_object(&name),
@@ -586,6 +605,13 @@ impl Writer {
         )
         .await?;
         inner.index.add_written(&name, &bytes).await?;
+        // Lookups find them now.
+        {
+            let mut seen = lock(&self.shared.seen);
+            for id in &written {
+                seen.remove(id);
+            }
+        }
         lock(&self.shared.stats).index_objects_written += 1;
         *lock(&self.last_index) = std::time::Instant::now();
         Ok(())
@@ -673,10 +699,19 @@ impl Writer {
             if locs.iter().any(|l| !condemned.packs.contains(&l.pack)) {
                 continue;
             }
-            let loc = locs.first().copied().ok_or_else(|| {
-                RepoError::corrupt(id.to_hex(), "referenced chunk is in no index")
-            })?;
-            let data = fetch_chunk(&inner, &id, &loc).await?;
+            // Any copy will do: a pack condemned by a mark read at the
+            // start may be swept by now while another copy remains.
+            let mut data = Err(RepoError::corrupt(
+                id.to_hex(),
+                "referenced chunk is in no index",
+            ));
+            for loc in &locs {
+                data = fetch_chunk(&inner, &id, loc).await;
+                if data.is_ok() {
+                    break;
+                }
+            }
+            let data = data?;
             let sealed = {
                 let inner = inner.clone();
                 let level = self.shared.level;
@@ -783,8 +818,11 @@ fn process_chunk(
     let inner = &shared.inner;
     let id = ChunkId(chunk_id(&inner.keys.chunk_id, &data));
     let len = data.len() as u32;
-    let first_in_session = lock(&shared.seen).insert(id);
-    let known = !first_in_session || shared.stored_safely(&id)?;
+    // Claimed only once the index says new: two workers racing on one new
+    // chunk, one claims it and the other takes it as stored.
+    let known = lock(&shared.seen).contains(&id)
+        || shared.stored_safely(&id)?
+        || !lock(&shared.seen).insert(id);
     if known {
         let mut st = lock(&shared.stats);
         st.chunks_reused += 1;
