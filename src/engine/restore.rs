@@ -482,13 +482,12 @@ pub async fn select_backup(
     };
     let mut passed_over = Vec::new();
     let mut first_refusal = None;
-    let mut histories: HashMap<u64, BTreeMap<u32, String>> = HashMap::new();
+    let mut histories: HashMap<u64, Histories> = HashMap::new();
     for backup in candidates {
-        let sysid = backup.meta.system_identifier;
-        if let std::collections::hash_map::Entry::Vacant(e) = histories.entry(sysid) {
-            e.insert(archived_histories(repo, &backup.meta).await?);
-        }
-        match check_timeline(repo, &backup.meta, requested, &histories[&sysid]).await {
+        let h = histories
+            .entry(backup.meta.system_identifier)
+            .or_insert_with(|| Histories::of(&backup.meta));
+        match check_timeline(repo, &backup.meta, requested, h).await {
             Ok(tl) => {
                 return Ok(Selected {
                     backup,
@@ -510,21 +509,40 @@ pub async fn select_backup(
     })))
 }
 
-/// The archived history files of the backup's cluster, by timeline.
-async fn archived_histories(repo: &Repository, meta: &BackupMeta) -> Result<BTreeMap<u32, String>> {
-    let prefix = super::catalog::wal_prefix(&meta.server, meta.system_identifier);
-    let mut histories = BTreeMap::new();
-    for name in repo.list_manifests(&prefix).await? {
-        if let Some(file) = name.rsplit('/').next() {
-            if let Some(tl) = file
-                .strip_suffix(".history")
-                .and_then(|t| u32::from_str_radix(t, 16).ok())
-            {
-                histories.insert(tl, name.clone());
-            }
+/// The archived history files of a backup's cluster, looked up one name at
+/// a time as PostgreSQL probes them (listing the WAL archive to find them
+/// read every archived segment's name before a restore started).
+struct Histories {
+    server: String,
+    sysid: u64,
+    known: BTreeMap<u32, Option<String>>,
+}
+
+impl Histories {
+    fn of(meta: &BackupMeta) -> Histories {
+        Histories {
+            server: meta.server.clone(),
+            sysid: meta.system_identifier,
+            known: BTreeMap::new(),
         }
     }
-    Ok(histories)
+
+    /// The manifest of timeline `tl`'s history file; `None` only when a
+    /// direct lookup of that name answers "not found".
+    async fn get(&mut self, repo: &Repository, tl: u32) -> Result<Option<String>> {
+        if let Some(v) = self.known.get(&tl) {
+            return Ok(v.clone());
+        }
+        let name =
+            super::catalog::wal_name(&self.server, self.sysid, tl, &format!("{tl:08X}.history"));
+        let v = match repo.manifest_meta(&name).await {
+            Ok(_) => Some(name),
+            Err(crate::repo::RepoError::NotFound { key }) if key.ends_with(&name) => None,
+            Err(e) => return Err(e.into()),
+        };
+        self.known.insert(tl, v.clone());
+        Ok(v)
+    }
 }
 
 /// Check, before anything is written, that the recovery target timeline
@@ -537,13 +555,13 @@ async fn check_timeline(
     repo: &Repository,
     meta: &BackupMeta,
     requested: Option<&str>,
-    histories: &BTreeMap<u32, String>,
+    histories: &mut Histories,
 ) -> Result<u32> {
     use crate::pg::timeline::{parse_history, reachable};
     let target = match requested {
         None | Some("latest") => {
             let mut tl = meta.timeline;
-            while histories.contains_key(&(tl + 1)) {
+            while histories.get(repo, tl + 1).await?.is_some() {
                 tl += 1;
             }
             tl
@@ -569,12 +587,12 @@ async fn check_timeline(
             meta.timeline
         )));
     }
-    let Some(name) = histories.get(&target) else {
+    let Some(name) = histories.get(repo, target).await? else {
         return Err(EngineError::Refused(format!(
             "timeline {target} has no history file in the repository; it cannot be recovered to"
         )));
     };
-    let m = repo.read_manifest(name).await?;
+    let m = repo.read_manifest(&name).await?;
     let e = m
         .entries
         .first()
