@@ -630,7 +630,7 @@ fn target_timeline_is_validated_against_archived_history() {
         out.contains(&format!("passed over backup {newer}")),
         "{out}"
     );
-    // A backup named by id that ended after a time target: refused before
+    // A backup named by id that ended after an LSN target: refused before
     // anything is written (PostgreSQL would refuse only after the restore).
     let early = d.join("early");
     let o = cairn.run(
@@ -640,14 +640,14 @@ fn target_timeline_is_validated_against_archived_history() {
             "main",
             &first,
             early.to_str().unwrap(),
-            "--target-time",
-            "2000-01-01 00:00:00+00",
+            "--target-lsn",
+            "0/100",
         ],
         &[],
     );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(
-        text(&o).contains("ended after the recovery target"),
+        text(&o).contains("after the recovery target"),
         "{}",
         text(&o)
     );

@@ -72,6 +72,9 @@ pub async fn run(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
     for p in &chosen.passed_over {
         outln!("passed over backup {p}");
     }
+    if let Some(w) = &chosen.warning {
+        warnln!("pgcairn: WARNING: {w}");
+    }
     let name = chosen.backup.name.clone();
     let recovery = match chosen.timeline {
         Some(tl) => Some(recovery_settings(ctx, &a, &server, tl, target_lsn)?),

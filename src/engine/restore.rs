@@ -401,6 +401,8 @@ pub struct Selected {
     /// Newer backups passed over because they cannot reach the target
     /// timeline, each with the reason.
     pub passed_over: Vec<String>,
+    /// Why the restore may not reach the target (for the caller to show).
+    pub warning: Option<String>,
 }
 
 /// The backup to restore: the one named, or for `latest` the newest backup
@@ -419,16 +421,18 @@ pub async fn select_backup(
 ) -> Result<Selected> {
     let all = super::catalog::list_backups(repo, Some(server)).await?;
     // PostgreSQL cannot stop before the backup is consistent (its end).
-    let ended_before = |b: &super::catalog::BackupRef| {
-        let by_time = target_time.is_none_or(|t| b.meta.ended_by() <= t);
-        let by_lsn = target_lsn.is_none_or(|t| {
+    let by_time =
+        |b: &super::catalog::BackupRef| target_time.is_none_or(|t| b.meta.ended_by() <= t);
+    let by_lsn = |b: &super::catalog::BackupRef| {
+        target_lsn.is_none_or(|t| {
             b.meta
                 .stop_lsn
                 .parse::<crate::pg::wal::Lsn>()
                 .is_ok_and(|s| s <= t)
-        });
-        by_time && by_lsn
+        })
     };
+    let ended_before = |b: &super::catalog::BackupRef| by_time(b) && by_lsn(b);
+    let mut warning = None;
     let candidates: Vec<_> = if id == "latest" {
         let n = all.len();
         let mut c: Vec<_> = all.into_iter().rev().filter(ended_before).collect();
@@ -459,13 +463,22 @@ pub async fn select_backup(
                     repo.location()
                 ))
             })?;
-        // Known now, not after the whole restore from PostgreSQL.
-        if !ended_before(&b) {
+        // Known now, not after the whole restore from PostgreSQL. An LSN
+        // is exact; a time is not (recovery fails only if a transaction
+        // ended between the target and the backup's end), so a warning.
+        if !by_lsn(&b) {
             return Err(EngineError::Refused(format!(
-                "backup {id} ended after the recovery target (stop LSN {}), and recovery cannot stop \
+                "backup {id} ended at LSN {}, after the recovery target, and recovery cannot stop \
                  before a backup's end: choose a backup that ended before the target, or `latest`",
                 b.meta.stop_lsn
             )));
+        }
+        if !by_time(&b) {
+            warning = Some(format!(
+                "backup {id} ended after the recovery target time: PostgreSQL will refuse to stop \
+                 there if a transaction ended between the target and the backup's end (`latest` \
+                 picks a backup that ended before it)"
+            ));
         }
         vec![b]
     };
@@ -478,6 +491,7 @@ pub async fn select_backup(
             backup,
             timeline: None,
             passed_over: Vec::new(),
+            warning,
         });
     };
     let mut passed_over = Vec::new();
@@ -493,6 +507,7 @@ pub async fn select_backup(
                     backup,
                     timeline: Some(tl),
                     passed_over,
+                    warning,
                 })
             }
             // Only a refusal moves on to an older backup; a failed read is

@@ -362,7 +362,7 @@ impl IndexSet {
             let Some(name) = o.key.strip_prefix(INDEX_PREFIX) else {
                 continue;
             };
-            if self.read_loaded().iter().any(|l| l.name == name) {
+            if before.contains(name) {
                 continue;
             }
             match self.load_object(name, o.size).await {
@@ -424,6 +424,8 @@ impl IndexSet {
     pub async fn refresh_reporting(&self) -> Result<Vec<(String, RepoError)>> {
         let mut bad = Vec::new();
         let mut fresh: Vec<Arc<Loaded>> = Vec::new();
+        // Names loaded or reported, so each listing pass is linear.
+        let mut done: HashSet<String> = HashSet::new();
         // A listed object found gone was superseded by a collector if a
         // later listing no longer has it (its replacement is then listed).
         let mut attempt = 0;
@@ -434,16 +436,18 @@ impl IndexSet {
                 let Some(name) = o.key.strip_prefix(INDEX_PREFIX) else {
                     continue;
                 };
-                if fresh.iter().any(|l| l.name == name)
-                    || bad.iter().any(|b: &(String, RepoError)| b.0 == o.key)
-                {
+                if done.contains(name) {
                     continue;
                 }
                 match self.load_object_from(name, o.size, false).await {
                     Ok(l) => fresh.push(Arc::new(l)),
-                    Err(RepoError::NotFound { .. }) if attempt < 5 => gone.push(o.key.clone()),
+                    Err(RepoError::NotFound { .. }) if attempt < 5 => {
+                        gone.push(o.key.clone());
+                        continue;
+                    }
                     Err(e) => bad.push((o.key.clone(), e)),
                 }
+                done.insert(name.to_string());
             }
             if gone.is_empty() {
                 break;
